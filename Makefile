@@ -1,0 +1,36 @@
+# Two commands: `make train` (the CPU demo) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export JAX_PLATFORMS ?= cpu
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: train test lint bench clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,tpu]'
+	touch $(VENV)/.base $@
+
+train: $(VENV)/.base
+	$(PY) -m trainer.train --config=configs/tiny.py --workdir=runs/tiny
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -n 2 -q tests
+
+bench: $(VENV)/.test
+	$(PY) -m trainer.benchmark --config=configs/bench.py --compare_torch
+
+clean:
+	rm -rf $(VENV) runs

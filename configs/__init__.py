@@ -1,0 +1,1 @@
+"""Run configurations: `get_config()` files for ml_collections config flags."""

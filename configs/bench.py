@@ -1,0 +1,34 @@
+"""The benchmark model: about 20M parameters, fp32, seq 256, batch 8, synthetic data.
+
+python -m trainer.benchmark --config=configs/bench.py
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.steps = 20
+  c.global_batch_size = 8
+  c.seq_len = 256
+  c.log_every = 5
+  c.eval_every = 0
+  c.checkpoint_every = 0
+  c.watchdog_timeout_s = 0.0
+  c.loss_chunk_size = 256
+  c.optimizer.warmup_steps = 2
+  m = c.model
+  m.vocab_size = 8192
+  m.embed_dim = 512
+  m.mlp_dim = 1536
+  m.num_layers = 4
+  m.num_heads = 8
+  m.num_kv_heads = 2
+  m.head_dim = 64
+  m.max_seq_len = 256
+  m.rope_scaling = None
+  m.rope_theta = 10000.0
+  m.dtype = "float32"
+  m.remat = "none"
+  m.attention = "xla"
+  return c

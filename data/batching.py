@@ -1,0 +1,74 @@
+"""Turns packed rows into the global, sharded training batch, reading only this host's rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch rows split over ('data', 'fsdp'), replicated over 'tensor'; sequence unsplit."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+def rows_to_example(
+  tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray
+) -> dict[str, np.ndarray]:
+  """Packed rows [n, T+1] -> model inputs and shifted targets [n, T].
+
+  A target counts in the loss only when it continues the same (non-padding) document.
+  """
+  seg_in, seg_out = segment_ids[:, :-1], segment_ids[:, 1:]
+  return {
+    "inputs": tokens[:, :-1].astype(np.int32),
+    "targets": tokens[:, 1:].astype(np.int32),
+    "positions": positions[:, :-1].astype(np.int32),
+    "segment_ids": seg_in.astype(np.int32),
+    "loss_mask": ((seg_in == seg_out) & (seg_out != 0)).astype(np.float32),
+  }
+
+
+def host_rows(sharding: NamedSharding, global_batch: int, seq_len: int) -> np.ndarray:
+  """Sorted global row indices that this host's devices hold (any mesh layout)."""
+  index_map = sharding.addressable_devices_indices_map((global_batch, seq_len))
+  rows = set()
+  for idx in index_map.values():
+    rows.update(range(*idx[0].indices(global_batch)))
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def assemble(
+  sharding: NamedSharding,
+  global_batch: int,
+  seq_len: int,
+  local_rows: np.ndarray,
+  examples: dict[str, np.ndarray],
+) -> dict[str, jax.Array]:
+  """Global arrays from this host's examples (`examples[k][i]` is global row `local_rows[i]`)."""
+  shape = (global_batch, seq_len)
+  index_map = sharding.addressable_devices_indices_map(shape)
+  where = {int(r): i for i, r in enumerate(local_rows)}
+  out = {}
+  for key, value in examples.items():
+    per_device = []
+    for device, idx in index_map.items():
+      sel = [where[r] for r in range(*idx[0].indices(global_batch))]
+      per_device.append(jax.device_put(value[sel][:, idx[1]], device))
+    out[key] = jax.make_array_from_single_device_arrays(shape, sharding, per_device)
+  return out
+
+
+def make_batch(
+  sharding: NamedSharding,
+  global_batch: int,
+  seq_len: int,
+  read_rows: Callable[[np.ndarray], dict[str, np.ndarray]],
+) -> dict[str, jax.Array]:
+  """One global batch; `read_rows(global_row_indices)` returns examples for just those rows."""
+  local = host_rows(sharding, global_batch, seq_len)
+  return assemble(sharding, global_batch, seq_len, local, read_rows(local))

@@ -1,0 +1,186 @@
+"""Building blocks of the LLaMA 3 decoder: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+
+Dimension key for tensor names:
+  B batch, T query length, S key length, D embed_dim, N query heads, K kv heads,
+  G query heads per kv head (N // K), H head_dim, F mlp_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.attention import dot_product_attention
+from model.config import ModelConfig
+
+
+def _init(scale: float = 1.0):
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm, computed in fp32 whatever the activation dtype."""
+
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    scale_D = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      (x_BxTxD.shape[-1],),
+      self.param_dtype,
+    )
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return scale_D.astype(self.dtype) * x.astype(self.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] with the Llama 3.1 long-context scaling when configured."""
+  h = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq.astype(np.float32)
+  factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  old_ctx = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+  smooth = (old_ctx / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+  return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates pairs (i, i + H/2): the half-split layout Hugging Face Llama weights use."""
+  freqs_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  cos = jnp.cos(freqs_BxTxh)[:, :, None, :]
+  sin = jnp.sin(freqs_BxTxh)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE, causal and segment masks, and an optional KV cache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    x_BxTxD: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array | None,
+    decode: bool = False,
+  ) -> jax.Array:
+    c = self.config
+    dense = lambda name, features, axes, logical: nn.DenseGeneral(
+      features,
+      axis=axes,
+      use_bias=False,
+      dtype=c.compute_dtype,
+      param_dtype=c.weight_dtype,
+      kernel_init=nn.with_logical_partitioning(_init(), logical),
+      name=name,
+    )
+    q_BxTxNxH = dense("q", (c.num_heads, c.head_dim), -1, ("embed", "heads", "head_dim"))(x_BxTxD)
+    k_BxTxKxH = dense("k", (c.num_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"))(
+      x_BxTxD
+    )
+    v_BxTxKxH = dense("v", (c.num_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"))(
+      x_BxTxD
+    )
+    q_BxTxNxH = nn.with_logical_constraint(
+      q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None)
+    )
+    k_BxTxKxH = nn.with_logical_constraint(
+      k_BxTxKxH, ("activation_batch", "activation_length", "activation_kv_heads", None)
+    )
+    v_BxTxKxH = nn.with_logical_constraint(
+      v_BxTxKxH, ("activation_batch", "activation_length", "activation_kv_heads", None)
+    )
+
+    inv_freq = rope_frequencies(c)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+
+    if decode:
+      out_BxTxNxH = self._cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+    else:
+      out_BxTxNxH = dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, implementation=c.attention
+      )
+    out_BxTxNxH = nn.with_logical_constraint(
+      out_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None)
+    )
+    return dense("o", c.embed_dim, (-2, -1), ("heads", "head_dim", "embed"))(out_BxTxNxH)
+
+  def _cached_attention(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
+    """Writes this call's keys/values at the cache index, then attends over the whole cache.
+
+    The cache (`cache` collection) holds [B, S, K, H] keys and values, the per-slot segment ids
+    (0 = empty slot, never attended to) and the write index. Calls may cover several tokens
+    (prefill) or one (a decode step).
+    """
+    b, t, k, h = k_BxTxKxH.shape
+    is_init = not self.has_variable("cache", "key")
+    max_len = self.config.max_seq_len
+    key = self.variable("cache", "key", jnp.zeros, (b, max_len, k, h), k_BxTxKxH.dtype)
+    value = self.variable("cache", "value", jnp.zeros, (b, max_len, k, h), v_BxTxKxH.dtype)
+    seg = self.variable("cache", "segment_ids", jnp.zeros, (b, max_len), jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    if is_init:
+      return dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, implementation="xla"
+      )
+    i = index.value
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BxTxKxH, (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BxTxKxH, (0, i, 0, 0))
+    seg.value = jax.lax.dynamic_update_slice(seg.value, segment_ids_BxT.astype(jnp.int32), (0, i))
+    index.value = i + t
+    return dot_product_attention(
+      q_BxTxNxH,
+      key.value,
+      value.value,
+      segment_ids_BxT,
+      kv_segment_ids_BxS=seg.value,
+      q_offset=i,
+      implementation="xla",
+    )
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    c = self.config
+    dense = lambda name, features, logical: nn.DenseGeneral(
+      features,
+      use_bias=False,
+      dtype=c.compute_dtype,
+      param_dtype=c.weight_dtype,
+      kernel_init=nn.with_logical_partitioning(_init(), logical),
+      name=name,
+    )
+    gate_BxTxF = dense("gate", c.mlp_dim, ("embed", "mlp"))(x_BxTxD)
+    up_BxTxF = dense("up", c.mlp_dim, ("embed", "mlp"))(x_BxTxD)
+    h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    h_BxTxF = nn.with_logical_constraint(
+      h_BxTxF, ("activation_batch", "activation_length", "activation_mlp")
+    )
+    return dense("down", c.embed_dim, ("mlp", "embed"))(h_BxTxF)

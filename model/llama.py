@@ -1,0 +1,133 @@
+"""The LLaMA 3 decoder: token embedding, a (scanned, rematerialized) stack of blocks, a head.
+
+Dimension key: B batch, T length, D embed_dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.layers import MLP, Attention, RMSNorm
+
+_EMBED_INIT_STD = 0.02
+
+
+def remat_policy(name: str) -> Any:
+  """The `jax.checkpoint` policy behind a remat name ('none' means no remat at all)."""
+  policies = jax.checkpoint_policies
+  return {
+    "full": policies.nothing_saveable,
+    "dots": policies.checkpoint_dots,
+    "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+    "offload": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+  }[name]
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    c = self.config
+    norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)
+    x_BxTxD = nn.with_logical_constraint(
+      x_BxTxD, ("activation_batch", "activation_length", "activation_embed")
+    )
+    h_BxTxD = x_BxTxD + Attention(c, name="attn")(
+      norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, self.decode
+    )
+    out_BxTxD = h_BxTxD + MLP(c, name="mlp")(norm("mlp_norm")(h_BxTxD))
+    out_BxTxD = nn.with_logical_constraint(
+      out_BxTxD, ("activation_batch", "activation_length", "activation_embed")
+    )
+    if c.scan_layers:
+      return out_BxTxD, None
+    return out_BxTxD
+
+
+def output_kernel(config: ModelConfig, params: Any) -> jax.Array:
+  """The [D, V] matrix that maps final hidden states to logits (the embedding when tied)."""
+  if config.tie_embeddings:
+    return params["embed"].T
+  return params["lm_head"]
+
+
+class Llama3(nn.Module):
+  """LLaMA 3 causal LM: `apply({'params': p}, tokens[B,T]) -> logits[B,T,V]` (fp32)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    decode: bool = False,
+    return_hidden: bool = False,
+  ) -> jax.Array:
+    """Logits [B,T,V], or the final-norm hidden states [B,T,D] when `return_hidden`.
+
+    Args:
+      positions: [B,T] RoPE positions; default 0..T-1 (packed rows restart them per document).
+      segment_ids: [B,T] document ids; tokens attend only within their own segment. 0 marks
+        padding.
+      decode: use and update the KV cache (`cache` collection), for generation.
+    """
+    c = self.config
+    b, t = tokens_BxT.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embedding_VxD = self.param(
+      "embed",
+      nn.with_logical_partitioning(nn.initializers.normal(_EMBED_INIT_STD), ("vocab", "embed")),
+      (c.vocab_size, c.embed_dim),
+      c.weight_dtype,
+    )
+    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
+
+    block = Block
+    if c.remat != "none":
+      block = nn.remat(Block, policy=remat_policy(c.remat), prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x_BxTxD, _ = stack(c, decode, name="layers")(x_BxTxD, positions, segment_ids)
+    else:
+      for i in range(c.num_layers):
+        x_BxTxD = block(c, decode, name=f"layers_{i}")(x_BxTxD, positions, segment_ids)
+
+    x_BxTxD = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x_BxTxD)
+    kernel_DxV = embedding_VxD.T
+    if not c.tie_embeddings:
+      kernel_DxV = self.param(
+        "lm_head",
+        nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"), ("embed", "vocab")
+        ),
+        (c.embed_dim, c.vocab_size),
+        c.weight_dtype,
+      )
+    if return_hidden:
+      return x_BxTxD
+    logits_BxTxV = jnp.einsum(
+      "btd,dv->btv", x_BxTxD, kernel_DxV.astype(c.compute_dtype), preferred_element_type=jnp.float32
+    )
+    return nn.with_logical_constraint(
+      logits_BxTxV, ("activation_batch", "activation_length", "activation_vocab")
+    )
