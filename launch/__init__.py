@@ -1,0 +1,1 @@
+"""Launching: N local processes as one JAX cluster, TPU VM slices through gcloud, AOT planning."""

@@ -1,0 +1,1 @@
+"""Training: mesh, sharded state, train/eval steps, checkpoints, metrics, the loop."""
