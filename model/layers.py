@@ -18,8 +18,37 @@ from model.attention import dot_product_attention
 from model.config import ModelConfig
 
 
-def _init(scale: float = 1.0):
-  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+class Linear(nn.Module):
+  """A bias-free projection contracting the last `num_in` input dims with a logically named kernel.
+
+  Unlike `nn.DenseGeneral`, the kernel is created in its final shape, so its logical axis names
+  apply to the real rank (DenseGeneral initializes a flattened 2-D kernel).
+  """
+
+  features: tuple[int, ...]
+  logical_axes: tuple[str, ...]
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  num_in: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.num_in, len(self.features)
+    init = nn.initializers.variance_scaling(
+      1.0,
+      "fan_in",
+      "truncated_normal",
+      in_axis=tuple(range(n_in)),
+      out_axis=tuple(range(n_in, n_in + n_out)),
+    )
+    shape = x.shape[x.ndim - n_in :] + tuple(self.features)
+    kernel = self.param(
+      "kernel", nn.with_logical_partitioning(init, self.logical_axes), shape, self.param_dtype
+    )
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(
+      x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+    )
 
 
 class RMSNorm(nn.Module):
@@ -84,20 +113,19 @@ class Attention(nn.Module):
     decode: bool = False,
   ) -> jax.Array:
     c = self.config
-    dense = lambda name, features, axes, logical: nn.DenseGeneral(
-      features,
-      axis=axes,
-      use_bias=False,
-      dtype=c.compute_dtype,
-      param_dtype=c.weight_dtype,
-      kernel_init=nn.with_logical_partitioning(_init(), logical),
+    dense = lambda name, features, num_in, logical: Linear(
+      features if isinstance(features, tuple) else (features,),
+      logical,
+      c.compute_dtype,
+      c.weight_dtype,
+      num_in,
       name=name,
     )
-    q_BxTxNxH = dense("q", (c.num_heads, c.head_dim), -1, ("embed", "heads", "head_dim"))(x_BxTxD)
-    k_BxTxKxH = dense("k", (c.num_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"))(
+    q_BxTxNxH = dense("q", (c.num_heads, c.head_dim), 1, ("embed", "heads", "head_dim"))(x_BxTxD)
+    k_BxTxKxH = dense("k", (c.num_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"))(
       x_BxTxD
     )
-    v_BxTxKxH = dense("v", (c.num_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"))(
+    v_BxTxKxH = dense("v", (c.num_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"))(
       x_BxTxD
     )
     q_BxTxNxH = nn.with_logical_constraint(
@@ -123,7 +151,7 @@ class Attention(nn.Module):
     out_BxTxNxH = nn.with_logical_constraint(
       out_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None)
     )
-    return dense("o", c.embed_dim, (-2, -1), ("heads", "head_dim", "embed"))(out_BxTxNxH)
+    return dense("o", c.embed_dim, 2, ("heads", "head_dim", "embed"))(out_BxTxNxH)
 
   def _cached_attention(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
     """Writes this call's keys/values at the cache index, then attends over the whole cache.
@@ -169,13 +197,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     c = self.config
-    dense = lambda name, features, logical: nn.DenseGeneral(
-      features,
-      use_bias=False,
-      dtype=c.compute_dtype,
-      param_dtype=c.weight_dtype,
-      kernel_init=nn.with_logical_partitioning(_init(), logical),
-      name=name,
+    dense = lambda name, features, logical: Linear(
+      (features,), logical, c.compute_dtype, c.weight_dtype, name=name
     )
     gate_BxTxF = dense("gate", c.mlp_dim, ("embed", "mlp"))(x_BxTxD)
     up_BxTxF = dense("up", c.mlp_dim, ("embed", "mlp"))(x_BxTxD)

@@ -1,0 +1,45 @@
+"""Shared test helpers: a tiny run config and a quick model config."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import base
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """A few-hundred-K-parameter fp32 run on synthetic data; overrides are dotted keys."""
+  c = base.get_config()
+  c.steps = 6
+  c.global_batch_size = 8
+  c.seq_len = 32
+  c.log_every = 2
+  c.eval_every = 0
+  c.eval_steps = 2
+  c.checkpoint_every = 0
+  c.watchdog_timeout_s = 0.0
+  c.loss_chunk_size = 16
+  c.optimizer.warmup_steps = 2
+  c.optimizer.learning_rate = 1e-2
+  m = c.model
+  m.vocab_size = 256
+  m.embed_dim = 64
+  m.mlp_dim = 128
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 16
+  m.max_seq_len = 64
+  m.rope_scaling = None
+  m.dtype = "float32"
+  m.remat = "none"
+  m.attention = "xla"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  c.lock()
+  return c

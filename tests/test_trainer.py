@@ -1,0 +1,146 @@
+"""The distributed trainer: mesh equivalence, sharding rules, accumulation, metrics, errors."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from data import create_pipeline
+from model import Llama3
+from tests.common import tiny_config
+from trainer import optimizer
+from trainer import state as state_lib
+from trainer import step as step_lib
+from trainer.loop import train_and_evaluate
+from trainer.mesh import MeshError, create_mesh, mesh_context
+
+
+def run_steps(config, devices, num_steps: int, *, repeat_batch: bool = False) -> list[float]:
+  """Losses of `num_steps` train steps of `config` on a mesh over `devices`."""
+  mesh = create_mesh(config.mesh, devices)
+  rules = state_lib.logical_rules(config)
+  model = Llama3(state_lib.model_config(config))
+  tx = optimizer.make_optimizer(config)
+  state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
+  step_fn = step_lib.jit_train_step(
+    config, model, tx, optimizer.learning_rate_schedule(config), mesh, rules, shardings
+  )
+  pipeline = create_pipeline(config, mesh)
+  batches = pipeline.train_batches(0)
+  losses = []
+  with mesh_context(mesh):
+    batch = next(batches)
+    for _ in range(num_steps):
+      state, metrics = step_fn(state, batch)
+      losses.append(float(metrics["loss"]))
+      if not repeat_batch:
+        batch = next(batches)
+  return losses
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+  return run_steps(tiny_config(), jax.devices()[:1], 6)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_meshes_give_the_same_losses(shape, single_device_losses):
+  config = tiny_config(**{"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]})
+  losses = run_steps(config, jax.devices(), 6)
+  np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+  assert losses[0] != losses[-1]
+
+
+def test_parameter_shardings_follow_the_rules():
+  config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  mesh = create_mesh(config.mesh)
+  model = Llama3(state_lib.model_config(config))
+  tx = optimizer.make_optimizer(config)
+  state, shardings = state_lib.create_sharded_state(
+    model, tx, mesh, state_lib.logical_rules(config), 0
+  )
+  p = state.params
+  assert p["embed"].sharding.spec == PartitionSpec("tensor", "fsdp")
+  assert p["lm_head"].sharding.spec == PartitionSpec("fsdp", "tensor")
+  attn, mlp = p["layers"]["attn"], p["layers"]["mlp"]
+  assert attn["q"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+  assert attn["k"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+  assert attn["o"]["kernel"].sharding.spec == PartitionSpec(None, "tensor", None, "fsdp")
+  assert mlp["gate"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+  assert mlp["down"]["kernel"].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
+  assert p["final_norm"]["scale"].sharding.spec in (PartitionSpec(), PartitionSpec(None))
+  # Adam moments live exactly where their parameters do.
+  mu = state.opt_state[1][0].mu
+  assert mu["layers"]["mlp"]["up"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+  # Each device holds 1/8 of the q kernel: fsdp x tensor split it four ways, data replicates.
+  q = attn["q"]["kernel"]
+  assert q.addressable_shards[0].data.size == q.size // 4
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+  plain = run_steps(tiny_config(), jax.devices()[:2], 3)
+  accum = run_steps(tiny_config(grad_accum_steps=4), jax.devices()[:2], 3)
+  np.testing.assert_allclose(accum, plain, rtol=1e-5)
+
+
+def test_loss_falls_on_repeated_data():
+  losses = run_steps(tiny_config(), jax.devices(), 15, repeat_batch=True)
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_mesh_that_does_not_fit_is_one_clear_error():
+  config = tiny_config(**{"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1})
+  with pytest.raises(MeshError, match="needs 3 devices but 8 are available"):
+    create_mesh(config.mesh)
+
+
+def test_train_writes_tensorboard_and_jsonl(tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  config = tiny_config(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
+  train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == [2, 4, 6]
+  for r in train:
+    assert {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
+    assert np.isfinite(r["loss"]) and r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
+  assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+  acc = EventAccumulator(str(tmp_path))
+  acc.Reload()
+  tags = acc.Tags()["tensors"] + acc.Tags()["scalars"]
+  assert "loss" in tags
+  events = acc.Tensors("loss") if "loss" in acc.Tags()["tensors"] else acc.Scalars("loss")
+  assert [e.step for e in events] == [2, 4, 6]
+  assert (tmp_path / "config.json").exists()
+
+
+def _train_cli(tmp_path, *flags):
+  cmd = [
+    sys.executable,
+    "-m",
+    "trainer.train",
+    "--config=configs/tiny.py",
+    f"--workdir={tmp_path}",
+    *flags,
+  ]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path):
+  result = _train_cli(tmp_path, "--config.model.num_layer=2")
+  assert result.returncode != 0
+  assert "num_layer" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_mesh_mismatch_on_the_command_line_is_one_clear_line(tmp_path):
+  result = _train_cli(tmp_path, "--config.mesh.data=3", "--config.data.source=synthetic")
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and "3 devices" in last, result.stderr[-2000:]

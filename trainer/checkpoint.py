@@ -1,0 +1,169 @@
+"""Orbax checkpoints: async saves of state + data state + config, restore with fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from model import ModelConfig
+
+# Fields that change the parameter shapes; any difference makes a checkpoint incompatible.
+_SHAPE_FIELDS = (
+  "vocab_size",
+  "embed_dim",
+  "mlp_dim",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "tie_embeddings",
+  "scan_layers",
+)
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint written for a different model shape."""
+
+
+def shape_mismatch(saved_model: dict[str, Any], model: ModelConfig) -> list[str]:
+  """'field: saved -> now' for every shape-defining field that differs."""
+  now = model.to_dict()
+  return [
+    f"{k}: {saved_model.get(k)!r} -> {now[k]!r}"
+    for k in _SHAPE_FIELDS
+    if k in saved_model and saved_model[k] != now[k]
+  ]
+
+
+class Checkpointer:
+  """One CheckpointManager under WORKDIR/checkpoints; saves are asynchronous."""
+
+  def __init__(
+    self, workdir: str, *, max_to_keep: int = 3, keep_period: int = 0, async_save: bool = True
+  ):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep or None,
+      keep_period=keep_period or None,
+      create=True,
+      enable_async_checkpointing=async_save,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data", "config")
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(
+    self,
+    step: int,
+    state: Any,
+    data_state: dict[str, Any],
+    config_dict: dict[str, Any],
+    *,
+    force: bool = True,
+  ) -> bool:
+    """Starts an asynchronous save; returns at once while the write goes on."""
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config_dict),
+      ),
+      force=force,
+    )
+
+  def saved_config(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+      "config"
+    ]
+
+  def restore_latest(
+    self, abstract_state: Any, model: ModelConfig
+  ) -> tuple[Any, dict[str, Any], int] | None:
+    """(state, data_state, step) of the newest checkpoint that restores, or None if none.
+
+    A checkpoint that fails to restore (truncated or corrupted files) is reported in one line
+    and the previous one is tried; nothing is deleted. A checkpoint of a different model shape
+    is an error, not a fallback.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        saved = self.saved_config(step)
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
+        logging.warning(
+          "Checkpoint at step %d is unreadable (%s); trying an older one.", step, _first_line(e)
+        )
+        continue
+      diff = shape_mismatch(saved.get("model", {}), model)
+      if diff:
+        raise CheckpointMismatchError(
+          f"The checkpoint in {self.directory} (step {step}) is of another model "
+          f"({'; '.join(diff)}); use a new --workdir or the matching --config.model values."
+        )
+      try:
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+        )
+      except Exception as e:  # noqa: BLE001
+        logging.warning(
+          "Checkpoint at step %d failed to restore (%s); trying an older one.", step, _first_line(e)
+        )
+        continue
+      return restored["state"], restored["data"], step
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, params) of a training run's newest (or given) checkpoint, on this host."""
+  from trainer.state import TrainState, model_config  # noqa: PLC0415 - avoid an import cycle.
+
+  config_path = epath.Path(workdir) / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} does not exist; pass the --workdir of a training run.")
+  config = json.loads(config_path.read_text())
+  mcfg = model_config(_Namespace(config))
+  manager = ocp.CheckpointManager(
+    epath.Path(workdir) / "checkpoints",
+    item_names=("state", "data", "config"),
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(
+      f"{workdir} has no checkpoints yet; train first or pass another --workdir."
+    )
+  step = steps[-1] if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored["state"]
+  params = state["params"] if isinstance(state, dict) else TrainState(**state).params
+  return mcfg, jax.tree.map(jax.numpy.asarray, params)
+
+
+class _Namespace:
+  """Attribute access over the `model` entry of a saved config dict."""
+
+  def __init__(self, d: dict[str, Any]):
+    self.model = d["model"]

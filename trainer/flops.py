@@ -1,0 +1,78 @@
+"""Model FLOPs, device peaks and MFU: one documented definition used everywhere."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from model import ModelConfig
+
+# Dense bf16 peak FLOP/s per JAX device (a TPU v4/v5p megacore chip is one device).
+PEAK_FLOPS = (
+  ("v6 lite", 918e12),  # TPU v6e (Trillium)
+  ("v6e", 918e12),
+  ("v5 lite", 197e12),  # TPU v5e
+  ("v5e", 197e12),
+  ("v5p", 459e12),
+  ("v5", 459e12),  # 'TPU v5' is v5p
+  ("v4", 275e12),
+  ("h200", 989e12),
+  ("h100", 989e12),  # SXM, dense
+  ("a100", 312e12),
+)
+# HBM per chip in bytes, for planning.
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+
+
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul parameters + causal attention.
+
+  Matmul parameters are every weight except the input-embedding lookup and norm scales; the
+  output head counts once, tied or not. Attention adds, per layer, QK^T and PV (2 matmuls x
+  2 FLOPs x N*H x T/2 keys on average under the causal mask), times 3 for forward + backward:
+  6 * L * N * H * T.
+  """
+  norms = config.embed_dim * (2 * config.num_layers + 1)
+  matmul_params = config.num_params(embeddings=False) - norms + config.vocab_size * config.embed_dim
+  attention = 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
+  return 6.0 * matmul_params + attention
+
+
+@functools.cache
+def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+  """fp32 matmul FLOP/s of this CPU host, measured once (the honest peak on CPU)."""
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float:
+  """Peak FLOP/s of one device: the table for accelerators, a measurement on CPU."""
+  device = device or jax.devices()[0]
+  if device.platform == "cpu":
+    # Fake CPU devices share the host's cores; the host peak is split among them.
+    return measured_cpu_peak() / max(jax.local_device_count(), 1)
+  kind = device.device_kind.lower()
+  for key, peak in PEAK_FLOPS:
+    if key in kind:
+      return peak
+  raise ValueError(
+    f"No peak FLOP/s known for device kind {device.device_kind!r}; add it to "
+    "trainer/flops.py PEAK_FLOPS."
+  )
+
+
+def mfu(
+  tokens_per_sec: float, config: ModelConfig, seq_len: int, num_devices: int, peak_per_device: float
+) -> float:
+  """Model FLOPs utilization: achieved model FLOP/s over the devices' summed peak."""
+  return tokens_per_sec * model_flops_per_token(config, seq_len) / (num_devices * peak_per_device)

@@ -1,0 +1,321 @@
+"""`train_and_evaluate`: the training loop, from config to checkpoints and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import periodic_actions
+from etils import epath
+
+from data import create_pipeline
+from model import Llama3
+from trainer import flops, optimizer
+from trainer import state as state_lib
+from trainer import step as step_lib
+from trainer.checkpoint import Checkpointer
+from trainer.mesh import create_mesh, mesh_context
+from trainer.metrics import create_writers
+from trainer.watchdog import Preemption, Watchdog
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a NaN loss, say); the message says where and why."""
+
+
+def validate(config: Any) -> None:
+  """Raises ValueError with one sentence for config values that cannot work together."""
+  accum = int(config.grad_accum_steps)
+  if accum < 1 or config.global_batch_size % accum:
+    raise ValueError(
+      f"global_batch_size={config.global_batch_size} is not divisible by grad_accum_steps={accum}."
+    )
+  if config.seq_len > config.model.max_seq_len:
+    raise ValueError(
+      f"seq_len={config.seq_len} exceeds model.max_seq_len="
+      f"{config.model.max_seq_len}; raise model.max_seq_len or shorten seq_len."
+    )
+  for key in ("steps", "global_batch_size", "seq_len"):
+    if int(config[key]) <= 0:
+      raise ValueError(f"{key}={config[key]} must be positive.")
+
+
+def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.global_batch_size // config.grad_accum_steps
+  if micro % shards:
+    raise ValueError(
+      f"The batch of {micro} rows per microbatch does not split over data x fsdp "
+      f"= {shards} devices; make global_batch_size / grad_accum_steps a multiple "
+      f"of {shards}."
+    )
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns last metrics."""
+  validate(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = create_mesh(config.mesh)
+  check_batch_fits_mesh(config, mesh)
+  rules = state_lib.logical_rules(config)
+  mcfg = state_lib.model_config(config)
+  lead = jax.process_index() == 0
+  logging.info(
+    "Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size, jax.process_count()
+  )
+
+  pipeline = create_pipeline(config, mesh)
+  tokenizer = pipeline.tokenizer
+  if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
+    raise ValueError(
+      f"The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+      f"{mcfg.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}."
+    )
+  model = Llama3(mcfg)
+  schedule = optimizer.learning_rate_schedule(config)
+  tx = optimizer.make_optimizer(config)
+  shardings = state_lib.state_shardings(model, tx, mesh, rules)
+
+  ckpt = Checkpointer(str(workdir), max_to_keep=config.max_to_keep, keep_period=config.keep_period)
+  restored = ckpt.restore_latest(state_lib.abstract_state(model, tx, shardings), mcfg)
+  if restored is not None:
+    state, data_state, start_step = restored
+    if data_state.get("fingerprint") != pipeline.fingerprint and not config.data.allow_new_data:
+      raise ValueError(
+        f"This run was trained on data {data_state.get('fingerprint')!r} but "
+        f"the configured data is {pipeline.fingerprint!r}; point data.path back "
+        "at it, or set --config.data.allow_new_data=True to continue on new data."
+      )
+    if data_state.get("iterator") is not None and hasattr(pipeline, "restore"):
+      pipeline.restore(data_state["iterator"])
+    logging.info("Resumed from step %d in %s.", start_step, ckpt.directory)
+  else:
+    state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
+    start_step = 0
+    if config.init_from:
+      state = _init_from(config.init_from, mcfg, state, tx, shardings)
+
+  config_dict = json.loads(config.to_json_best_effort())
+  if lead:
+    (workdir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    if tokenizer is not None and hasattr(tokenizer, "save"):
+      tokenizer.save(str(workdir / "tokenizer"))
+  writer, board = create_writers(str(workdir))
+  if start_step == 0:
+    writer.write_hparams(_flatten(config_dict))
+
+  train_step = step_lib.jit_train_step(config, model, tx, schedule, mesh, rules, shardings)
+  eval_step = step_lib.jit_eval_step(config, model, mesh, rules, shardings.params)
+  batches = pipeline.train_batches(start_step)
+  batch = next(batches)
+  t0 = time.perf_counter()
+  with mesh_context(mesh):
+    compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  tokens_per_step = config.global_batch_size * config.seq_len
+  model_flops = flops.model_flops_per_token(mcfg, config.seq_len) * tokens_per_step
+  xla_flops = _xla_flops(compiled)
+  logging.info(
+    "Compiled the train step in %.1f s. Model FLOPs/step %.3e; XLA cost_analysis "
+    "FLOPs/step %s (scanned layers are counted once by XLA).",
+    compile_s,
+    model_flops,
+    f"{xla_flops:.3e}" if xla_flops else "n/a",
+  )
+  peak = flops.device_peak_flops()
+
+  data_fn = lambda: {
+    "step": None,
+    "fingerprint": pipeline.fingerprint,
+    "iterator": pipeline.state() if hasattr(pipeline, "state") else None,
+  }
+  hooks = (
+    [
+      periodic_actions.ReportProgress(
+        num_train_steps=config.steps, writer=board, every_steps=config.log_every
+      )
+    ]
+    if lead
+    else []
+  )
+  if config.profile_steps and lead:
+    hooks.append(
+      periodic_actions.Profile(
+        logdir=str(workdir),
+        num_profile_steps=config.profile_steps,
+        first_profile=config.profile_start_step,
+      )
+    )
+  watchdog = Watchdog(config.watchdog_timeout_s)
+  preemption = Preemption()
+  sampler = _Sampler(config, model, tokenizer, writer) if config.sample_every else None
+
+  pending = None
+  window = {"loss": [], "z_loss": [], "grad_norm": [], "learning_rate": [], "num_tokens": []}
+  window_start = time.perf_counter()
+  last: dict[str, float] = {}
+  step = start_step
+  try:
+    while step < config.steps:
+      state, metrics = compiled(state, batch)
+      step += 1
+      if pending is not None:
+        _check_and_collect(pending, window)
+      pending = (step, metrics)
+      for hook in hooks:
+        hook(step)
+      watchdog.beat(step)
+      boundary = (
+        step % config.log_every == 0
+        or step == config.steps
+        or (config.eval_every and step % config.eval_every == 0)
+        or (config.checkpoint_every and step % config.checkpoint_every == 0)
+      )
+      if boundary:
+        _check_and_collect(pending, window)
+        pending = None
+      if step % config.log_every == 0 or step == config.steps:
+        elapsed = time.perf_counter() - window_start
+        n = len(window["loss"])
+        tokens_per_sec = sum(window["num_tokens"]) and tokens_per_step * n / elapsed
+        last = {
+          "loss": float(np.mean(window["loss"])),
+          "learning_rate": window["learning_rate"][-1],
+          "grad_norm": float(np.mean(window["grad_norm"])),
+          "tokens_per_sec": tokens_per_sec,
+          "mfu": flops.mfu(tokens_per_sec, mcfg, config.seq_len, mesh.size, peak),
+        }
+        if config.z_loss:
+          last["z_loss"] = float(np.mean(window["z_loss"]))
+        writer.write_scalars(step, last)
+        window = {k: [] for k in window}
+        window_start = time.perf_counter()
+      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        eval_loss = _evaluate(eval_step, state.params, pipeline)
+        writer.write_scalars(step, {"eval_loss": eval_loss})
+        last["eval_loss"] = eval_loss
+      if sampler and (step % config.sample_every == 0 or step == config.steps):
+        sampler(step, state.params)
+      preempted = preemption.reached(step)
+      if (
+        (config.checkpoint_every and step % config.checkpoint_every == 0)
+        or step == config.steps
+        or preempted
+      ):
+        ckpt.save(step, state, {**data_fn(), "step": step}, config_dict)
+      if step != config.steps:
+        batch = next(batches)
+      if preempted:
+        ckpt.wait()
+        logging.warning(
+          "Preempted (SIGTERM): saved step %d in %s; rerun the same command to resume.",
+          step,
+          ckpt.directory,
+        )
+        break
+  finally:
+    watchdog.stop()
+    ckpt.close()
+    writer.flush()
+  return last
+
+
+def _check_and_collect(pending: tuple[int, dict[str, jax.Array]], window: dict) -> None:
+  step, metrics = pending
+  values = jax.device_get(metrics)
+  loss = float(values["loss"])
+  if not math.isfinite(loss):
+    raise TrainingError(
+      f"The loss became {loss} at step {step}; lower "
+      "optimizer.learning_rate, raise optimizer.warmup_steps, or set z_loss, "
+      "then rerun (it resumes from the last good checkpoint)."
+    )
+  for k in window:
+    window[k].append(float(values[k]))
+
+
+def _evaluate(eval_step: Any, params: Any, pipeline: Any) -> float:
+  total = None
+  for batch in pipeline.eval_batches():
+    m = eval_step(params, batch)
+    total = m if total is None else total.merge(m)
+  return float(total.compute()["eval_loss"]) if total is not None else float("nan")
+
+
+def _xla_flops(compiled: Any) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # noqa: BLE001 - not every backend offers a cost model.
+    return None
+
+
+def _init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any:
+  """A fresh optimizer over parameters from an HF directory, a params dir, or another run."""
+  p = epath.Path(path)
+  if (p / "config.json").exists() and any(p.glob("*.safetensors*")):
+    from model.hf import load_hf  # noqa: PLC0415
+
+    loaded_cfg, params = load_hf(path, scan_layers=mcfg.scan_layers)
+  elif (p / "model_config.json").exists():
+    from model.hf import load_params_dir  # noqa: PLC0415
+
+    loaded_cfg, params = load_params_dir(path)
+  else:
+    from trainer.checkpoint import restore_params  # noqa: PLC0415
+
+    loaded_cfg, params = restore_params(path)
+  from trainer.checkpoint import CheckpointMismatchError, shape_mismatch  # noqa: PLC0415
+
+  diff = shape_mismatch(loaded_cfg.to_dict(), mcfg)
+  if diff:
+    raise CheckpointMismatchError(
+      f"init_from={path} holds another model ({'; '.join(diff)}); "
+      "set --config.model values to match it."
+    )
+  logging.info("Initialized parameters from %s.", path)
+  params = jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), params, state.params)
+  return state_lib.with_params(state, params, tx, shardings)
+
+
+class _Sampler:
+  """Writes a generated sample to TensorBoard every `sample_every` steps."""
+
+  def __init__(self, config: Any, model: Llama3, tokenizer: Any, writer: Any):
+    self.config, self.model, self.tokenizer, self.writer = config, model, tokenizer, writer
+
+  def __call__(self, step: int, params: Any) -> None:
+    if self.tokenizer is None:
+      return
+    from model.generate import sample_text  # noqa: PLC0415
+
+    text = sample_text(
+      self.model.config,
+      params,
+      self.tokenizer,
+      self.config.sample_prompt,
+      max_new_tokens=self.config.sample_max_new_tokens,
+    )
+    logging.info("Sample at step %d: %r", step, text)
+    self.writer.write_texts(step, {"sample": text})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    elif isinstance(v, bool | int | float | str):
+      out[key] = v
+    else:
+      out[key] = str(v)
+  return out

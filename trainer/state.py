@@ -1,0 +1,105 @@
+"""Train state and its sharded initialization: no host ever holds the whole model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model import Llama3, ModelConfig
+from trainer.mesh import mesh_context
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step changes: the step count, parameters and optimizer state."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def model_config(config: Any) -> ModelConfig:
+  """The typed ModelConfig for a run config."""
+  return ModelConfig(**config.model)
+
+
+def logical_rules(config: Any) -> list[tuple[str, Any]]:
+  """The logical -> mesh axis table from the config, as flax expects it."""
+  return [
+    (name, tuple(axes) if isinstance(axes, list | tuple) else axes)
+    for name, axes in config.sharding_rules
+  ]
+
+
+def _init_params(model: Llama3, rng: jax.Array) -> Any:
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return model.init(rng, tokens)["params"]
+
+
+def param_shardings(model: Llama3, mesh: Mesh, rules: list) -> Any:
+  """NamedShardings of every parameter, from its logical axis names and the rules."""
+  boxed = jax.eval_shape(lambda r: _init_params(model, r), jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def state_shardings(
+  model: Llama3, tx: optax.GradientTransformation, mesh: Mesh, rules: list
+) -> TrainState:
+  """Shardings for the whole TrainState; optimizer moments follow their parameters."""
+  p_shard = param_shardings(model, mesh, rules)
+  abstract_params = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+    nn.unbox(jax.eval_shape(lambda r: _init_params(model, r), jax.random.key(0))),
+  )
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  o_shard = optax.tree_map_params(
+    tx, lambda _, s: s, abstract_opt, p_shard, transform_non_params=lambda _: replicated
+  )
+  return TrainState(step=replicated, params=p_shard, opt_state=o_shard)
+
+
+def abstract_state(
+  model: Llama3, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+  """ShapeDtypeStructs (with shardings) of the TrainState, for restore and AOT compiles."""
+  shapes = jax.eval_shape(lambda r: init_state(model, tx, r), jax.random.key(0))
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+
+
+def init_state(model: Llama3, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """A fresh TrainState (unsharded definition; jit it with out_shardings to shard)."""
+  params = nn.unbox(_init_params(model, rng))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def create_sharded_state(
+  model: Llama3, tx: optax.GradientTransformation, mesh: Mesh, rules: list, seed: int
+) -> tuple[TrainState, TrainState]:
+  """Initializes the state directly into its shardings; returns (state, shardings)."""
+  shardings = state_shardings(model, tx, mesh, rules)
+  with mesh_context(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda r: init_state(model, tx, r), out_shardings=shardings)(
+      jax.random.key(seed)
+    )
+  return state, shardings
+
+
+def with_params(
+  state: TrainState, params: Any, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+  """A state with new parameters and a fresh optimizer (for `init_from`)."""
+  fn = jax.jit(
+    lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+    out_shardings=shardings,
+  )
+  params = jax.device_put(params, shardings.params)
+  return fn(params)

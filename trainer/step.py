@@ -1,0 +1,190 @@
+"""The pure train and eval steps: chunked cross-entropy, z-loss, gradient accumulation.
+
+Dimension key: B batch, T length, D embed_dim, V vocab, A microbatches, C loss chunk length.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics as clu_metrics
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data.batching import BATCH_KEYS, batch_sharding
+from model import Llama3, output_kernel
+from trainer.state import TrainState
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  """Token-weighted mean cross-entropy over an evaluation."""
+
+  eval_loss: clu_metrics.Average.from_output("eval_loss")
+
+
+def token_cross_entropy(
+  hidden_BxTxD: jax.Array, kernel_DxV: jax.Array, targets_BxT: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy and log-partition [B, T], computing logits C tokens at a time.
+
+  Each chunk is rematerialized in the backward pass, so [B, T, V] fp32 logits never exist at
+  once: with a 128K vocabulary they would outweigh the rest of the activations.
+  """
+  b, t, d = hidden_BxTxD.shape
+  kernel_DxV = kernel_DxV.astype(hidden_BxTxD.dtype)
+
+  def chunk_ce(h_BxCxD, tgt_BxC):
+    logits_BxCxV = jnp.einsum(
+      "bcd,dv->bcv", h_BxCxD, kernel_DxV, preferred_element_type=jnp.float32
+    )
+    logits_BxCxV = nn.with_logical_constraint(
+      logits_BxCxV, ("activation_batch", "activation_length", "activation_vocab")
+    )
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
+    return lse_BxC - target_logit_BxC, lse_BxC
+
+  if chunk <= 0 or chunk >= t or t % chunk:
+    return chunk_ce(hidden_BxTxD, targets_BxT)
+  n = t // chunk
+  h_NxBxCxD = hidden_BxTxD.reshape(b, n, chunk, d).swapaxes(0, 1)
+  tgt_NxBxC = targets_BxT.reshape(b, n, chunk).swapaxes(0, 1)
+  _, (ce_NxBxC, lse_NxBxC) = jax.lax.scan(
+    lambda _, xs: (None, jax.checkpoint(chunk_ce)(*xs)), None, (h_NxBxCxD, tgt_NxBxC)
+  )
+  return ce_NxBxC.swapaxes(0, 1).reshape(b, t), lse_NxBxC.swapaxes(0, 1).reshape(b, t)
+
+
+def _forward(model: Llama3, params: Any, batch: dict[str, jax.Array], chunk: int):
+  hidden_BxTxD = model.apply(
+    {"params": params},
+    batch["inputs"],
+    batch["positions"],
+    batch["segment_ids"],
+    return_hidden=True,
+  )
+  return token_cross_entropy(
+    hidden_BxTxD, output_kernel(model.config, params), batch["targets"], chunk
+  )
+
+
+def _loss_sums(params, batch, model: Llama3, chunk: int, z_loss: float):
+  """(objective to differentiate, (cross-entropy sum, z-loss sum)), summed over real tokens."""
+  ce_BxT, lse_BxT = _forward(model, params, batch, chunk)
+  mask_BxT = batch["loss_mask"]
+  ce_sum = jnp.sum(ce_BxT * mask_BxT)
+  z_sum = jnp.sum(jnp.square(lse_BxT) * mask_BxT)
+  return ce_sum + z_loss * z_sum, (ce_sum, z_sum)
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: Llama3,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  grad_accum: int,
+  chunk: int,
+  z_loss: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the global batch; pure, no I/O.
+
+  Gradients are sums over real tokens divided once by the batch's token count, so A
+  microbatches of B/A rows give the same update as one batch of B rows.
+  """
+  grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
+  if grad_accum == 1:
+    (_, (ce_sum, z_sum)), grads = grad_fn(state.params, batch, model, chunk, z_loss)
+  else:
+
+    def split(x):
+      # Microbatch a takes rows a, A + a, 2A + a, ...: every device keeps an equal share.
+      x_AxBxT = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+      return nn.with_logical_constraint(x_AxBxT, (None, "activation_batch", "activation_length"))
+
+    def accumulate(carry, micro):
+      (_, (ce, z)), g = grad_fn(state.params, micro, model, chunk, z_loss)
+      g_acc, ce_acc, z_acc = carry
+      return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, ce_sum, z_sum), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+  num_tokens = jnp.sum(batch["loss_mask"])
+  denom = jnp.maximum(num_tokens, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+    "loss": ce_sum / denom,
+    "z_loss": z_sum / denom,
+    "grad_norm": optax.tree.norm(grads),
+    "learning_rate": schedule(state.step),
+    "num_tokens": num_tokens,
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(
+  params: Any, batch: dict[str, jax.Array], *, model: Llama3, chunk: int
+) -> EvalMetrics:
+  """Cross-entropy of one held-out batch as a mergeable CLU metric."""
+  ce_BxT, _ = _forward(model, params, batch, chunk)
+  return EvalMetrics.single_from_model_output(eval_loss=ce_BxT, mask=batch["loss_mask"])
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  sharding = batch_sharding(mesh)
+  return {k: sharding for k in BATCH_KEYS}
+
+
+def jit_train_step(
+  config: Any,
+  model: Llama3,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  mesh: Mesh,
+  rules: list,
+  shardings: TrainState,
+) -> Any:
+  """`train_step` jitted once with explicit shardings and a donated state."""
+  fn = functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    grad_accum=int(config.grad_accum_steps),
+    chunk=int(config.loss_chunk_size),
+    z_loss=float(config.z_loss),
+  )
+
+  def step(state, batch):
+    with nn.logical_axis_rules(rules):
+      return fn(state, batch)
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+    step,
+    in_shardings=(shardings, batch_shardings(mesh)),
+    out_shardings=(shardings, replicated),
+    donate_argnums=(0,),
+  )
+
+
+def jit_eval_step(config: Any, model: Llama3, mesh: Mesh, rules: list, param_shardings: Any) -> Any:
+  """`eval_step` jitted with explicit shardings."""
+  fn = functools.partial(eval_step, model=model, chunk=int(config.loss_chunk_size))
+
+  def step(params, batch):
+    with nn.logical_axis_rules(rules):
+      return fn(params, batch)
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+    step, in_shardings=(param_shardings, batch_shardings(mesh)), out_shardings=replicated
+  )

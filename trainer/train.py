@@ -1,0 +1,44 @@
+"""Entry point: python -m trainer.train --config=configs/NAME.py --workdir=DIR [--config.K=V]."""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from trainer import distributed  # noqa: PLC0415 - must run before anything touches devices.
+
+  distributed.maybe_initialize()
+  from trainer.loop import TrainingError, train_and_evaluate  # noqa: PLC0415
+
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax and CLU are chatty at INFO.
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, TrainingError) as e:
+    if os.environ.get("LLAMA_TRACEBACK"):
+      raise
+    sys.exit(f"error: {e}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad flag or config key ends in one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+    sys.exit(
+      f"error: {message} (run with --helpfull for the flags; config keys are in configs/base.py)"
+    )
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

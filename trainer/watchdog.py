@@ -1,0 +1,71 @@
+"""A hang watchdog and a preemption flag, so a pod run never hangs and never loses work."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import jax
+
+
+class Watchdog:
+  """Dumps every thread's stack and exits non-zero when no step finishes for `timeout_s`."""
+
+  def __init__(self, timeout_s: float, exit_code: int = 70):
+    self.timeout_s, self.exit_code = float(timeout_s), exit_code
+    self._last = time.monotonic()
+    self._step = -1
+    self._stop = threading.Event()
+    self._thread = None
+    if self.timeout_s > 0:
+      self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+      self._thread.start()
+
+  def beat(self, step: int) -> None:
+    self._last, self._step = time.monotonic(), step
+
+  def _run(self) -> None:
+    while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+      idle = time.monotonic() - self._last
+      if idle > self.timeout_s:
+        logging.error(
+          "Watchdog: no step finished for %.0f s after step %d (limit "
+          "watchdog_timeout_s=%.0f); a collective may be stuck or a host dead. "
+          "Stacks follow; exiting.",
+          idle,
+          self._step,
+          self.timeout_s,
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(self.exit_code)
+
+  def stop(self) -> None:
+    self._stop.set()
+
+
+class Preemption:
+  """Turns SIGTERM into 'save at the next step boundary', agreed on by every host."""
+
+  def __init__(self):
+    self._flag = threading.Event()
+    self._multihost = jax.process_count() > 1
+    if not self._multihost and threading.current_thread() is threading.main_thread():
+      # With several hosts, JAX's coordination service owns SIGTERM and syncs the step.
+      signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  def reached(self, step: int) -> bool:
+    """True at the step boundary where every host should save and exit."""
+    if self._multihost:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:
+        return False
+    return self._flag.is_set()
