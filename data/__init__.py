@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jax.sharding import Mesh
-
-from data.batching import batch_sharding
+if TYPE_CHECKING:  # Tokenizer worker processes import data.* and must not pay for JAX.
+  from jax.sharding import Mesh
 
 
 def create_pipeline(config: Any, mesh: Mesh) -> Any:
@@ -14,8 +13,11 @@ def create_pipeline(config: Any, mesh: Mesh) -> Any:
 
   Every pipeline has `tokenizer` (None for synthetic), `fingerprint` (str),
   `train_batches(start_step)` (an iterator of dicts of global arrays [B, T]: inputs, targets,
-  positions, segment_ids, loss_mask) and `eval_batches()`.
+  positions, segment_ids, loss_mask), `eval_batches()`, and `state()` / `restore(state)` (a
+  JSON-able iterator position; empty where the step number alone fixes the data).
   """
+  from data.batching import batch_sharding
+
   source = config.data.source
   sharding = batch_sharding(mesh)
   if source == "synthetic":
@@ -29,4 +31,37 @@ def create_pipeline(config: Any, mesh: Mesh) -> Any:
       sharding=sharding,
       eval_steps=config.eval_steps,
     )
-  raise ValueError(f"data.source={source!r} is not available yet; use 'synthetic'.")
+  d = config.data
+  common = dict(
+    seed=config.seed,
+    global_batch=config.global_batch_size,
+    seq_len=config.seq_len,
+    sharding=sharding,
+    eval_steps=config.eval_steps,
+    eval_path=d.eval_path,
+    num_workers=d.num_workers,
+    prefetch=d.prefetch,
+  )
+  if source in ("prepared", "stdlib"):
+    from data.loader import PreparedPipeline
+
+    if source == "stdlib":
+      from data.stdlib import ensure_stdlib_prepared
+
+      path = ensure_stdlib_prepared(d.cache_dir, tokenizer=d.tokenizer, seq_len=config.seq_len)
+    elif not d.path:
+      raise ValueError(
+        "data.source='prepared' needs data.path: a dir written by `python -m data.prepare`."
+      )
+    else:
+      path = d.path
+    return PreparedPipeline(path, **common)
+  if source in ("tfds", "hf", "text"):
+    from data.streaming import StreamingPipeline
+
+    return StreamingPipeline(
+      source, d.path, tokenizer=d.tokenizer, text_field=d.text_field, data_dir=d.data_dir, **common
+    )
+  raise ValueError(
+    f"data.source={source!r} is unknown; use synthetic, prepared, stdlib, tfds, hf or text."
+  )

@@ -58,6 +58,13 @@ class SyntheticPipeline:
       lambda rows: synthetic_rows(seed, step, rows, self.seq_len, self.vocab_size),
     )
 
+  def state(self) -> dict:
+    """Nothing beyond the step number."""
+    return {}
+
+  def restore(self, state: dict) -> None:
+    """Nothing to restore (see `state`)."""
+
   def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     step = start_step
     while True:

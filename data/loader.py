@@ -1,0 +1,185 @@
+"""The grain loader over prepared rows: step s's global batch is a pure function of (seed, s).
+
+Row r of step s is record `shuffle_seed(s * global_batch + r)` of the prepared dir, where the
+shuffle is grain's index shuffle (a bijection per epoch, reseeded each epoch; no permutation is
+ever held in memory). Each host reads only the rows its own devices hold, so the data state is
+the step number and resume is exact on any host count or mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding
+
+from data.batching import assemble, host_rows, rows_to_example
+from data.packing import decode_row
+from data.tokenizers import tokenizer_from_prepared
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+  """metadata.json of a prepared dir, with a clear error when it is not one."""
+  meta_path = os.path.join(path, "metadata.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(
+      f"{path!r} is not a prepared dataset (no metadata.json); create it with "
+      f"`python -m data.prepare --input=... --output={path}` or set data.path."
+    )
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def _shuffle_seed(seed: int) -> int:
+  return int(seed) % 2**32  # grain's index shuffle takes a 32-bit seed.
+
+
+def record_indices(
+  seed: int, step: int, rows: np.ndarray, global_batch: int, num_records: int
+) -> np.ndarray:
+  """The records that global rows `rows` of `step` read: the pure (seed, step) -> data map."""
+  order = grain.MapDataset.range(num_records).shuffle(_shuffle_seed(seed))
+  return np.array([order[step * global_batch + int(r)] for r in rows], np.int64)
+
+
+class _StepRows(grain.MapDataset):
+  """Element j is global row `rows[j % n]` of step `j // n`: one host's rows, step after step."""
+
+  def __init__(self, parent: grain.MapDataset, rows: np.ndarray, global_batch: int):
+    super().__init__(parent)
+    self._rows, self._global_batch = [int(r) for r in rows], global_batch
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def _index(self, j: int) -> int:
+    step, k = divmod(j, len(self._rows))
+    return step * self._global_batch + self._rows[k]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._index(index)]
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self._index(j) for j in indices])
+
+  def __str__(self) -> str:
+    return "_StepRows"
+
+
+def _stack(rows: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+  return tuple(np.stack(parts) for parts in zip(*rows))
+
+
+def _to_example(batch: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+  return rows_to_example(*batch)
+
+
+def rows_dataset(path: str, meta: dict[str, Any], split: str) -> grain.MapDataset:
+  """Decoded rows (tokens, segment_ids, positions) of one split of a prepared dir."""
+  files = meta[f"{split}_files"]
+  source = grain.sources.ArrayRecordDataSource([os.path.join(path, f) for f in files])
+  decode = functools.partial(decode_row, row_len=meta["row_len"], dtypes=meta["dtypes"])
+  return grain.MapDataset.source(source).map(decode)
+
+
+class PreparedPipeline:
+  """Train and eval batches from a `data.prepare` dir; the data state is the step number."""
+
+  def __init__(
+    self,
+    path: str,
+    *,
+    seed: int,
+    global_batch: int,
+    seq_len: int,
+    sharding: NamedSharding,
+    eval_steps: int = 1,
+    eval_path: str = "",
+    num_workers: int = 0,
+    prefetch: int = 2,
+  ):
+    self.meta = read_metadata(path)
+    if self.meta["seq_len"] != seq_len:
+      raise ValueError(
+        f"{path} was prepared with seq_len={self.meta['seq_len']} but config.seq_len={seq_len}; "
+        f"set --config.seq_len={self.meta['seq_len']} or prepare again with --seq_len={seq_len}."
+      )
+    if self.meta["num_rows"] == 0:
+      raise ValueError(f"{path} has no training rows; prepare it from a larger corpus.")
+    self.path, self.seed, self.global_batch, self.seq_len = path, seed, global_batch, seq_len
+    self.sharding, self.eval_steps = sharding, eval_steps
+    self.num_workers, self.prefetch = num_workers, prefetch
+    self.tokenizer = tokenizer_from_prepared(path)
+    self.fingerprint = self.meta["fingerprint"]
+    self.local_rows = host_rows(sharding, global_batch, seq_len)
+    self._train = rows_dataset(path, self.meta, "train").shuffle(_shuffle_seed(seed)).repeat()
+    self._eval_path = eval_path or path
+
+  def state(self) -> dict[str, Any]:
+    """Nothing beyond the step number: the batch of a step never depends on history."""
+    return {}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Nothing to restore (see `state`)."""
+
+  def read_rows(self, step: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Examples for global rows `rows` of `step`, read synchronously."""
+    parts = self._train._getitems([step * self.global_batch + int(r) for r in rows])
+    return rows_to_example(*_stack(parts))
+
+  def host_dataset(self, rows: np.ndarray, start_step: int = 0) -> grain.MapDataset:
+    """Element i: this host's examples (global rows `rows`) of step start_step + i."""
+    steps = _StepRows(self._train, rows, self.global_batch)
+    return steps.batch(len(rows), batch_fn=_stack).map(_to_example)[start_step:]
+
+  def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
+    """Global batches of steps start_step, start_step + 1, ... (forever)."""
+    ds = self.host_dataset(self.local_rows, start_step).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, self.prefetch))
+    )
+    if self.num_workers > 0:
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library user may
+        flags.FLAGS.mark_as_parsed()  # not have parsed any (the trainer's absl.app has).
+      ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=max(1, self.prefetch)
+        )
+      )
+    it = iter(ds)
+    try:
+      for examples in it:
+        yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)
+    finally:
+      close = getattr(it, "close", None)
+      if close is not None:
+        close()
+
+  def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
+    """`eval_steps` batches of held-out rows, in order (the same every call)."""
+    meta = read_metadata(self._eval_path)
+    split = "eval" if meta["num_eval_rows"] else "train"
+    if self._eval_path == self.path and split == "train":
+      raise ValueError(
+        f"{self.path} has no eval rows; prepare it with --eval_fraction > 0 and more documents, "
+        f"set data.eval_path to another prepared dir, or set eval_every=0."
+      )
+    if meta["seq_len"] != self.seq_len or meta["tokenizer"] != self.meta["tokenizer"]:
+      raise ValueError(
+        f"data.eval_path={self._eval_path} has another seq_len or tokenizer than {self.path}; "
+        f"prepare both with the same --seq_len and --tokenizer."
+      )
+    ds = rows_dataset(self._eval_path, meta, split)
+    for step in range(self.eval_steps):
+      idx = [step * self.global_batch + int(r) for r in self.local_rows]
+      examples = rows_to_example(*_stack(ds._getitems(idx)))
+      yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)

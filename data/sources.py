@@ -1,0 +1,280 @@
+"""Corpus sources: text files, JSONL(.gz), Parquet, TFDS and HF datasets, read as work chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+STAT_KEYS = ("num_bytes", "num_invalid_utf8", "num_empty", "num_bad_lines")
+
+
+@dataclasses.dataclass
+class Chunk:
+  """A unit of work for one tokenizer worker: file paths, a block of JSONL lines, or texts."""
+
+  kind: str  # 'files' | 'jsonl' | 'texts'
+  payload: Any  # list of paths | bytes of whole lines | list of str/bytes
+  origin: str  # what to name in error messages
+  text_field: str = "text"
+
+
+def file_kind(path: str) -> str:
+  """'jsonl', 'parquet' or 'text' (one document per file), from the file name."""
+  name = path.lower()
+  if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+    return "jsonl"
+  if name.endswith(".parquet"):
+    return "parquet"
+  return "text"
+
+
+def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
+  """(text, had_invalid_utf8): bytes decode with replacement; lone surrogates are replaced."""
+  if raw is None:
+    return "", False
+  if isinstance(raw, bytes):
+    try:
+      return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+      return raw.decode("utf-8", "replace"), True
+  try:
+    raw.encode("utf-8")
+    return raw, False
+  except UnicodeEncodeError:  # JSON may hold "\ud800"; tokenizers reject such strings.
+    return _SURROGATES.sub("\ufffd", raw), True
+
+
+def _json_text(line: bytes, field: str, origin: str) -> tuple[Any, bool]:
+  """(raw text or None for a bad line, had_invalid_utf8) of one JSONL line."""
+  text, bad_utf8 = clean_text(line)
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError:
+    return None, bad_utf8
+  if not isinstance(obj, dict) or field not in obj:
+    raise ValueError(f"{origin}: a JSONL line has no field {field!r}; set --text_field.")
+  return obj[field], bad_utf8
+
+
+def iter_file_documents(path: str, text_field: str = "text") -> Iterator[Any]:
+  """Raw documents of one file, in order (JSONL lines that are not JSON are skipped)."""
+  kind = file_kind(path)
+  if kind == "text":
+    with open(path, "rb") as f:
+      yield f.read()
+  elif kind == "jsonl":
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+      for line in f:
+        if line.strip():
+          raw, _ = _json_text(line, text_field, path)
+          if raw is not None:
+            yield raw
+  else:
+    for batch in _parquet_batches(path, text_field):
+      yield from batch
+
+
+def _parquet_batches(path: str, field: str) -> Iterator[list[Any]]:
+  import pyarrow.parquet as pq
+
+  pf = pq.ParquetFile(path)
+  if field not in pf.schema_arrow.names:
+    names = pf.schema_arrow.names
+    raise ValueError(f"{path} has no column {field!r} (has {names}); set --text_field.")
+  for batch in pf.iter_batches(columns=[field], batch_size=1024):
+    yield batch.column(0).to_pylist()
+
+
+def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
+  """The non-empty documents of a chunk, and counts of bytes, invalid UTF-8, empty, bad lines."""
+  stats = dict.fromkeys(STAT_KEYS, 0)
+  if chunk.kind == "files":
+    raws: list[Any] = []
+    for path in chunk.payload:
+      with open(path, "rb") as f:
+        raws.append(f.read())
+  elif chunk.kind == "jsonl":
+    raws = []
+    for line in chunk.payload.splitlines():
+      if line.strip():
+        raw, bad = _json_text(line, chunk.text_field, chunk.origin)
+        if raw is None:
+          stats["num_bad_lines"] += 1
+        stats["num_invalid_utf8"] += bad
+        raws.append(raw)
+  else:
+    raws = chunk.payload
+  if chunk.kind == "jsonl":
+    stats["num_bytes"] = len(chunk.payload)
+  docs = []
+  for raw in raws:
+    if raw is None and chunk.kind == "jsonl":
+      continue  # A line that is not JSON, already counted.
+    text, bad = clean_text(raw)
+    stats["num_invalid_utf8"] += bad
+    if chunk.kind != "jsonl":
+      stats["num_bytes"] += len(raw) if isinstance(raw, bytes) else len(text.encode("utf-8"))
+    if text.strip():
+      docs.append(text)
+    else:
+      stats["num_empty"] += 1
+  return docs, stats
+
+
+def expand_input(pattern: str) -> list[str]:
+  """Sorted files matching a glob (or several, comma-separated); a dir means every file in it."""
+  paths: set[str] = set()
+  for part in (p.strip() for p in pattern.split(",") if p.strip()):
+    part = os.path.expanduser(part)
+    if os.path.isdir(part):
+      part = os.path.join(part, "**", "*")
+    paths.update(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise FileNotFoundError(
+      f"--input={pattern!r} matches no files; check the path (quote globs so the shell keeps them)."
+    )
+  return sorted(paths)
+
+
+class Source:
+  """A corpus that yields chunks of work; `total_bytes` is known for local files only."""
+
+  name = ""
+  total_bytes: int | None = None
+
+  def chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
+    """Work units of about `chunk_bytes` each, in a fixed order."""
+    raise NotImplementedError
+
+  def iter_texts(self, max_bytes: int) -> Iterator[str]:
+    """Documents from the start of the corpus, up to about `max_bytes` (tokenizer training)."""
+    seen = 0
+    for chunk in self.chunks(1 << 20):
+      docs, stats = read_chunk(chunk)
+      yield from docs
+      seen += stats["num_bytes"]
+      if seen >= max_bytes:
+        return
+
+
+class FileSource(Source):
+  """Local files: plain text (one document each), JSONL / JSONL.GZ, Parquet."""
+
+  def __init__(self, paths: Sequence[str], text_field: str = "text", name: str = ""):
+    self.paths, self.text_field = list(paths), text_field
+    self.name = name or ",".join(self.paths[:3]) + (",..." if len(self.paths) > 3 else "")
+    self.total_bytes = sum(os.path.getsize(p) for p in self.paths)
+
+  def chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
+    group, size = [], 0
+    for path in self.paths:
+      kind = file_kind(path)
+      if kind == "text":
+        group.append(path)
+        size += os.path.getsize(path)
+        if size >= chunk_bytes:
+          yield Chunk("files", group, self.name)
+          group, size = [], 0
+      elif kind == "jsonl":
+        yield from self._jsonl_chunks(path, chunk_bytes)
+      else:
+        for batch in _parquet_batches(path, self.text_field):
+          yield Chunk("texts", batch, path)
+    if group:
+      yield Chunk("files", group, self.name)
+
+  def _jsonl_chunks(self, path: str, chunk_bytes: int) -> Iterator[Chunk]:
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    rest = b""
+    with opener(path, "rb") as f:
+      while block := f.read(chunk_bytes):
+        block = rest + block
+        cut = block.rfind(b"\n") + 1
+        if cut:  # Only whole lines go out; a partial last line waits for the next block.
+          rest = block[cut:]
+          yield Chunk("jsonl", block[:cut], path, self.text_field)
+        else:
+          rest = block
+    if rest.strip():
+      yield Chunk("jsonl", rest, path, self.text_field)
+
+
+def parse_tfds(spec: str) -> tuple[str, str]:
+  """'tfds:c4/en:train' or 'c4/en:train' -> ('c4/en', 'train'); the split defaults to train."""
+  spec = spec.removeprefix("tfds:")
+  name, _, split = spec.rpartition(":")
+  return (name, split) if name else (spec, "train")
+
+
+def open_tfds(spec: str, data_dir: str = "") -> Any:
+  """A random-access TFDS data source (ArrayRecord-backed; `data_dir` may be gs://...)."""
+  import tensorflow_datasets as tfds
+
+  name, split = parse_tfds(spec)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:
+    raise FileNotFoundError(
+      f"TFDS dataset {name}:{split} could not be opened from data_dir={data_dir or 'default'!r} "
+      f"({type(e).__name__}: {e}); build it first (tfds build {name} --file_format=array_record)."
+    ) from e
+
+
+def open_hf(spec: str) -> Any:
+  """A random-access HF dataset: 'hf:NAME[:CONFIG]:SPLIT' from the local cache, or a saved dir."""
+  os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # Run time never touches the network.
+  try:
+    import datasets
+  except ImportError as e:
+    raise ImportError("HF datasets need the optional extra: pip install -e '.[hf]'.") from e
+  rest = spec.removeprefix("hf:")
+  head, _, split = rest.rpartition(":")
+  if os.path.isdir(rest) or os.path.isdir(head):
+    ds = datasets.load_from_disk(rest if os.path.isdir(rest) else head)
+    if isinstance(ds, datasets.DatasetDict):
+      ds = ds[split if os.path.isdir(head) else "train"]
+    return ds
+  parts = rest.split(":")
+  if len(parts) > 3:
+    raise ValueError(f"{spec!r} is not 'hf:NAME[:CONFIG]:SPLIT'.")
+  name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
+  return datasets.load_dataset(name, config, split=split if len(parts) > 1 else "train")
+
+
+class RandomAccessSource(Source):
+  """Any sequence of examples (TFDS or HF data source) whose `text_field` holds the text."""
+
+  def __init__(self, data: Any, text_field: str, name: str):
+    self.data, self.text_field, self.name = data, text_field, name
+    if len(data) == 0:
+      raise ValueError(f"--input={name!r} is empty; pick another split or dataset.")
+
+  def chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
+    step = max(1, chunk_bytes // 2048)  # Examples per chunk; web documents are ~2 KB.
+    for start in range(0, len(self.data), step):
+      rows = [self.data[i] for i in range(start, min(start + step, len(self.data)))]
+      yield Chunk("texts", [_field(r, self.text_field, self.name) for r in rows], self.name)
+
+
+def _field(example: Any, field: str, name: str) -> Any:
+  if field not in example:
+    have = list(example)
+    raise ValueError(f"{name} examples have no field {field!r} (have {have}); set text_field.")
+  return example[field]
+
+
+def open_source(spec: str, text_field: str = "text", data_dir: str = "") -> Source:
+  """`tfds:NAME:SPLIT`, `hf:NAME[:CONFIG]:SPLIT` (or a saved dir), or a glob of local files."""
+  if spec.startswith("tfds:"):
+    return RandomAccessSource(open_tfds(spec, data_dir), text_field, spec)
+  if spec.startswith("hf:"):
+    return RandomAccessSource(open_hf(spec), text_field, spec)
+  return FileSource(expand_input(spec), text_field, name=spec)

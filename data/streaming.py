@@ -1,0 +1,285 @@
+"""Streaming pipeline for data too large to prepare: documents -> tokenize -> pack -> batch.
+
+Each host reads its own shard of the documents (hosts holding the same batch rows read the same
+shard), tokenizes on the fly, packs with grain's ConcatThenSplit transform and batches its rows.
+Unlike the prepared loader the position in the stream is state: `state()` is a JSON-able grain
+iterator state that the trainer stores in the checkpoint and hands back through `restore()`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from data.batching import assemble, host_rows, rows_to_example
+from data.sources import clean_text, expand_input, iter_file_documents, open_hf, open_tfds
+from data.tokenizers import Tokenizer, load_tokenizer
+
+
+def shard_of(rows_by_process: dict[int, set[int]], process: int) -> tuple[int, int]:
+  """(shard, num_shards): processes holding the same rows share a shard, others never do."""
+  groups = sorted({tuple(sorted(rows)) for rows in rows_by_process.values()})
+  return groups.index(tuple(sorted(rows_by_process[process]))), len(groups)
+
+
+def host_shard(sharding: NamedSharding, global_batch: int, seq_len: int) -> tuple[int, int]:
+  """This host's document shard, from which rows every process's devices hold."""
+  rows: dict[int, set[int]] = {}
+  for device, idx in sharding.devices_indices_map((global_batch, seq_len)).items():
+    rows.setdefault(device.process_index, set()).update(range(*idx[0].indices(global_batch)))
+  return shard_of(rows, jax.process_index())
+
+
+class FileDocuments(grain.IterDataset):
+  """Non-empty documents of local files (text, JSONL, Parquet) for one shard, epoch after epoch.
+
+  Files are dealt to shards round-robin (documents are, when there are fewer files than shards);
+  each epoch visits this shard's files in a new order drawn from (seed, epoch).
+  """
+
+  def __init__(
+    self, files: list[str], text_field: str, shard: int, num_shards: int, seed: int, repeat: bool
+  ):
+    super().__init__()
+    self.by_file = len(files) >= num_shards
+    self.files = files[shard::num_shards] if self.by_file else list(files)
+    self.text_field, self.shard, self.num_shards = text_field, shard, num_shards
+    self.seed, self.repeat = seed, repeat
+
+  def __iter__(self) -> _FileDocumentsIterator:
+    return _FileDocumentsIterator(self)
+
+  def __str__(self) -> str:
+    return "FileDocuments"
+
+
+class _FileDocumentsIterator(grain.DatasetIterator):
+  """State: (epoch, file position in the epoch's order, documents read from that file)."""
+
+  def __init__(self, ds: FileDocuments):
+    super().__init__()
+    self._ds = ds
+    self._state = {"epoch": 0, "file": 0, "doc": 0}
+    self._docs: Iterator[Any] | None = None
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if self._ds.seed < 0:
+      return np.arange(len(self._ds.files))
+    return np.random.default_rng([self._ds.seed, epoch]).permutation(len(self._ds.files))
+
+  def _open(self) -> Iterator[Any]:
+    path = self._ds.files[self._order(self._state["epoch"])[self._state["file"]]]
+    docs = iter_file_documents(path, self._ds.text_field)
+    for _ in range(self._state["doc"]):  # Resuming: skip what was already read.
+      next(docs, None)
+    return docs
+
+  def __next__(self) -> str:
+    ds, st = self._ds, self._state
+    epochs_without_docs = 0
+    while True:
+      if st["file"] == len(ds.files):
+        if not ds.repeat or epochs_without_docs:
+          raise StopIteration
+        st.update(epoch=st["epoch"] + 1, file=0, doc=0)
+        epochs_without_docs += 1
+      if self._docs is None:
+        self._docs = self._open()
+      raw = next(self._docs, StopIteration)
+      if raw is StopIteration:
+        st.update(file=st["file"] + 1, doc=0)
+        self._docs = None
+        continue
+      st["doc"] += 1
+      if not ds.by_file and (st["doc"] - 1) % ds.num_shards != ds.shard:
+        continue
+      text, _ = clean_text(raw)
+      if text.strip():
+        return text
+
+  def get_state(self) -> dict[str, Any]:
+    return dict(self._state)
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._state = {k: int(state[k]) for k in ("epoch", "file", "doc")}
+    self._docs = None
+
+
+class _Tokenize:
+  """Text -> {'tokens': BOS + ids + EOS}; loads the tokenizer lazily (picklable for workers)."""
+
+  def __init__(self, spec: str):
+    self.spec, self._tok = spec, None
+
+  def __call__(self, text: Any) -> dict[str, np.ndarray]:
+    if self._tok is None:
+      self._tok = load_tokenizer(self.spec)
+    tok = self._tok
+    return {"tokens": np.asarray(tok.encode(text, bos=True, eos=True), np.int32)}
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"spec": self.spec, "_tok": None}
+
+
+class _Text:
+  """Example -> cleaned text of `field` ('' when empty, filtered out next)."""
+
+  def __init__(self, field: str):
+    self.field = field
+
+  def __call__(self, example: Any) -> str:
+    return clean_text(example[self.field])[0]
+
+
+def _non_empty(text: str) -> bool:
+  return bool(text.strip())
+
+
+def _to_example(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return rows_to_example(batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"])
+
+
+class StreamingPipeline:
+  """Batches tokenized and packed on the fly from TFDS, HF datasets or local text files."""
+
+  def __init__(
+    self,
+    source: str,
+    path: str,
+    *,
+    tokenizer: str,
+    seed: int,
+    global_batch: int,
+    seq_len: int,
+    sharding: NamedSharding,
+    eval_steps: int = 1,
+    eval_path: str = "",
+    text_field: str = "text",
+    data_dir: str = "",
+    num_workers: int = 0,
+    prefetch: int = 2,
+  ):
+    if not path:
+      raise ValueError(f"data.source={source!r} needs data.path (a dataset name or a file glob).")
+    self.source, self.path, self.eval_path = source, path, eval_path
+    self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
+    self._tok_spec = self.tokenizer.path or "byte"
+    self.seed, self.global_batch, self.seq_len = seed, global_batch, seq_len
+    self.sharding, self.eval_steps = sharding, eval_steps
+    self.text_field, self.data_dir = text_field, data_dir
+    self.num_workers, self.prefetch = num_workers, prefetch
+    self.local_rows = host_rows(sharding, global_batch, seq_len)
+    self.shard, self.num_shards = host_shard(sharding, global_batch, seq_len)
+    self.fingerprint = f"{source}:{path}:{self.tokenizer.fingerprint}:{seq_len}"
+    self._it: Any = None
+    self._pending_state: dict[str, Any] | None = None
+
+  def _documents(self, spec: str, *, train: bool) -> grain.IterDataset:
+    seed = self.seed if train else -1
+    if self.source == "text":
+      files = expand_input(spec)
+      return FileDocuments(files, self.text_field, self.shard, self.num_shards, seed, repeat=train)
+    data = open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec)
+    ds = grain.MapDataset.source(data)[self.shard :: self.num_shards]
+    if train:
+      ds = ds.shuffle(int(seed) % 2**32).repeat()
+    ds = ds.map(_Text(self.text_field)).filter(_non_empty)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+
+  def _batches(self, spec: str, *, train: bool) -> grain.IterDataset:
+    ds = self._documents(spec, train=train).map(_Tokenize(self._tok_spec))
+    if train and self.num_workers > 0 and self.source != "text":
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+    row = {"tokens": self.seq_len + 1}
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=row)
+    return ds.batch(len(self.local_rows), drop_remainder=True).map(_to_example)
+
+  def state(self) -> dict[str, Any]:
+    """JSON-able position after the last batch handed out (grain iterator state)."""
+    if self._it is None:
+      return _to_json(self._pending_state or {})
+    return _to_json(self._it.get_state())
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continue from `state` (from `state()`), in this or the next `train_batches` iterator."""
+    self._pending_state = _from_json(state) if state else None
+    if self._it is not None and self._pending_state:
+      self._it.set_state(self._pending_state)
+
+  def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
+    """Global batches, continuing from the restored state (the step number alone cannot)."""
+    self._it = iter(self._batches(self.path, train=True))
+    if self._pending_state:
+      self._it.set_state(self._pending_state)
+    elif start_step > 0:
+      print(
+        f"warning: streaming data.source={self.source!r} has no saved iterator state; "
+        f"step {start_step} starts from the beginning of the stream",
+        file=sys.stderr,
+      )
+    for examples in self._it:
+      yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)
+
+  def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
+    """`eval_steps` batches from the start of the held-out data (the same every call)."""
+    it = iter(self._batches(self._eval_spec(), train=False))
+    for _ in range(self.eval_steps):
+      examples = next(it, None)
+      if examples is None:
+        raise ValueError(
+          f"the eval data of {self.path!r} has fewer than eval_steps={self.eval_steps} batches; "
+          f"lower eval_steps or set data.eval_path to more data."
+        )
+      yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)
+
+  def _eval_spec(self) -> str:
+    if self.eval_path:
+      return self.eval_path
+    if self.source == "text":
+      raise ValueError(
+        "data.source='text' needs data.eval_path (a glob of held-out files) to evaluate; "
+        "set it or set eval_every=0."
+      )
+    # A dataset's held-out split: the same name with the split replaced.
+    name = self.path.rpartition(":")[0] or self.path
+    for split in ("validation", "test"):
+      try:
+        spec = f"{name}:{split}"
+        (open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec))
+        return spec
+      except (FileNotFoundError, ValueError, KeyError):
+        continue
+    raise ValueError(f"{self.path!r} has no validation or test split; set data.eval_path.")
+
+
+def _to_json(tree: Any) -> Any:
+  """Grain states hold tuples (which JSON would turn into lists) and numpy scalars."""
+  if isinstance(tree, dict):
+    return {str(k): _to_json(v) for k, v in tree.items()}
+  if isinstance(tree, tuple):
+    return {_TUPLE: [_to_json(v) for v in tree]}
+  if isinstance(tree, list):
+    return [_to_json(v) for v in tree]
+  if isinstance(tree, np.generic):
+    return tree.item()
+  return tree
+
+
+def _from_json(tree: Any) -> Any:
+  """Inverse of `_to_json` (after a JSON round trip)."""
+  if isinstance(tree, dict):
+    if set(tree) == {_TUPLE}:
+      return tuple(_from_json(v) for v in tree[_TUPLE])
+    return {k: _from_json(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_from_json(v) for v in tree]
+  return tree
+
+
+_TUPLE = "__tuple__"

@@ -1,0 +1,365 @@
+"""One tokenizer interface over bytes, HF `tokenizer.json` and Meta's tiktoken `tokenizer.model`."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+# Meta's Llama 3.1 special tokens; they follow the 128,000 BPE ranks in this order.
+LLAMA3_SPECIAL_TOKENS = [
+  "<|begin_of_text|>",
+  "<|end_of_text|>",
+  "<|reserved_special_token_0|>",
+  "<|reserved_special_token_1|>",
+  "<|finetune_right_pad_id|>",
+  "<|step_id|>",
+  "<|start_header_id|>",
+  "<|end_header_id|>",
+  "<|eom_id|>",
+  "<|eot_id|>",
+  "<|python_tag|>",
+]
+LLAMA3_NUM_SPECIAL = 256
+LLAMA3_PATTERN = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+  r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_PROBE_TEXT = (
+  "def f(x):\n    return x ** 2  # Ünïcödé, 数字 12345, émoji 🦙\t\r\n\n  It's they'll 3.14 "
+  "HTTPServer __init__ café\u00a0naïve <tag attr='1'>  \n\n\n    end"
+)
+# Special tokens we look for in a tokenizer.json, most specific first.
+BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
+EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+PAD_NAMES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
+# Tokens of the BPE tokenizers we train ourselves (ids 0, 1, 2).
+TRAINED_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
+SPEC_FILE = "tokenizer_spec.json"
+# tiktoken slows down badly on huge inputs and long runs without whitespace (Meta splits too).
+_TIKTOKEN_MAX_CHARS = 400_000
+_TIKTOKEN_MAX_RUN = 25_000
+
+
+class Tokenizer:
+  """Text <-> token ids, with the BOS/EOS/PAD ids that packing and generation need."""
+
+  kind = ""
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  vocab_size: int
+  path = ""  # The vocabulary file ('' for bytes).
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without BOS/EOS."""
+    raise NotImplementedError
+
+  def _decode(self, ids: list[int]) -> str:
+    raise NotImplementedError
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    """Token ids of `text`, optionally framed by BOS and EOS."""
+    ids = self.encode_batch([text])[0]
+    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; BOS, EOS and padding are dropped."""
+    drop = {self.bos_id, self.eos_id, self.pad_id}
+    return self._decode([int(i) for i in ids if int(i) not in drop])
+
+  @property
+  def fingerprint(self) -> str:
+    """A hash of the vocabulary, so data tokenized differently never counts as the same."""
+    h = hashlib.sha256(self.kind.encode())
+    if self.path:
+      with open(self.path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+  def spec(self) -> dict[str, Any]:
+    """JSON description stored in a prepared dir's metadata."""
+    return {
+      "kind": self.kind,
+      "file": os.path.basename(self.path),
+      "vocab_size": self.vocab_size,
+      "bos_id": self.bos_id,
+      "eos_id": self.eos_id,
+      "pad_id": self.pad_id,
+      "fingerprint": self.fingerprint,
+    }
+
+  def save(self, directory: str) -> dict[str, Any]:
+    """Writes the vocabulary file and tokenizer_spec.json into `directory`; returns `spec()`.
+
+    `load_tokenizer(directory)` then gives this tokenizer back (e.g. from a run's workdir).
+    """
+    os.makedirs(directory, exist_ok=True)
+    if self.path:
+      dst = os.path.join(directory, os.path.basename(self.path))
+      if os.path.abspath(dst) != os.path.abspath(self.path):
+        shutil.copyfile(self.path, dst)
+    spec = self.spec()
+    with open(os.path.join(directory, SPEC_FILE), "w") as f:
+      json.dump(spec, f, indent=2)
+    return spec
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes are ids 0..255; BOS 256, EOS 257, PAD 258. Needs no file."""
+
+  kind = "byte"
+  bos_id, eos_id, pad_id, vocab_size = 256, 257, 258, 259
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """UTF-8 bytes of each text."""
+    return [list(t.encode("utf-8", "replace")) for t in texts]
+
+  def encode_array(self, text: str) -> np.ndarray:
+    """UTF-8 bytes of `text` as an array, without a Python list per token (the fast path)."""
+    return np.frombuffer(text.encode("utf-8", "replace"), np.uint8)
+
+  def _decode(self, ids: list[int]) -> str:
+    return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (Llama 3's works) through the `tokenizers` library."""
+
+  kind = "hf"
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer as _Tok
+
+    self.path = path
+    self._tok = _Tok.from_file(path)
+    with open(path, encoding="utf-8") as f:
+      self._fast = _tiktoken_twin(json.load(f), self._tok)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    bos, eos, pad = (self._find(n) for n in (BOS_NAMES, EOS_NAMES, PAD_NAMES))
+    if eos is None and bos is None:
+      raise ValueError(
+        f"{path} has no BOS/EOS special token (looked for {BOS_NAMES + EOS_NAMES}); add one."
+      )
+    self.bos_id = bos if bos is not None else eos
+    self.eos_id = eos if eos is not None else bos
+    self.pad_id = pad if pad is not None else self.eos_id
+
+  def _find(self, names: tuple[str, ...]) -> int | None:
+    for name in names:
+      i = self._tok.token_to_id(name)
+      if i is not None:
+        return i
+    return None
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Ids of each text; the file's own post-processor (which may add BOS) is not applied."""
+    if self._fast is not None:
+      return [self._fast.encode_ordinary(t) for t in texts]
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def _decode(self, ids: list[int]) -> str:
+    return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+  """GPT-2's byte-level alphabet: printable stand-in character -> byte."""
+  bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+  cs = list(bs)
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + len(cs) - 188)  # The 68 unprintable bytes map to chr(256), chr(257), ...
+  return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _tiktoken_twin(spec: dict[str, Any], hf: Any) -> Any:
+  """A tiktoken Encoding equal to a byte-level BPE tokenizer.json, or None if there is none.
+
+  tiktoken encodes the same byte-level BPE several times faster than `tokenizers`, which is what
+  makes preparation with a BPE tokenizer fast. Only plain byte-level BPE files qualify (ours,
+  GPT-2's, Llama 3's); a probe text must encode identically, else `tokenizers` is used.
+  """
+  import tiktoken
+
+  model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+  if (
+    model.get("type") != "BPE"
+    or spec.get("normalizer")
+    or any(model.get(k) for k in ("byte_fallback", "dropout", "continuing_subword_prefix"))
+    or model.get("end_of_word_suffix")
+  ):
+    return None
+  plain_level = pre.get("use_regex", True) and not pre.get("add_prefix_space")
+  if pre.get("type") == "ByteLevel" and plain_level:
+    pattern = GPT2_PATTERN
+  elif pre.get("type") == "Sequence" and [p.get("type") for p in pre["pretokenizers"]] == [
+    "Split",
+    "ByteLevel",
+  ]:
+    split, level = pre["pretokenizers"]
+    pattern = (split.get("pattern") or {}).get("Regex")
+    if not pattern or split.get("invert") or split.get("behavior") != "Isolated":
+      return None
+    if level.get("use_regex", True) or level.get("add_prefix_space"):
+      return None
+  else:
+    return None
+  added = {t["content"] for t in spec.get("added_tokens", [])}
+  u2b = _bytes_to_unicode()
+  try:
+    ranks = {bytes(u2b[c] for c in t): i for t, i in model["vocab"].items() if t not in added}
+  except KeyError:
+    return None
+  # tiktoken merges by the rank of the merged token, tokenizers by merge order: they agree
+  # when ids grow with merge order.
+  vocab, last = model["vocab"], -1
+  for merge in model.get("merges", []):
+    a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+    rank = vocab.get(a + b, -1)
+    if rank <= last:
+      return None
+    last = rank
+  try:
+    enc = tiktoken.Encoding("twin", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+  except Exception:
+    return None
+  probe = _PROBE_TEXT
+  if enc.encode_ordinary(probe) != hf.encode(probe, add_special_tokens=False).ids:
+    return None
+  return enc
+
+
+def _split_long_runs(text: str) -> Iterator[str]:
+  """Pieces of `text` with no whitespace/non-whitespace run over _TIKTOKEN_MAX_RUN chars."""
+  for start in range(0, len(text), _TIKTOKEN_MAX_CHARS):
+    piece = text[start : start + _TIKTOKEN_MAX_CHARS]
+    begin, run, prev_space = 0, 0, None
+    for i, ch in enumerate(piece):
+      space = ch.isspace()
+      run = run + 1 if space == prev_space else 1
+      prev_space = space
+      if run > _TIKTOKEN_MAX_RUN:
+        yield piece[begin:i]
+        begin, run = i, 1
+    yield piece[begin:]
+
+
+class TiktokenTokenizer(Tokenizer):
+  """Meta's tiktoken `tokenizer.model` (a base64 token and rank per line), Llama 3 specials."""
+
+  kind = "tiktoken"
+
+  def __init__(self, path: str):
+    import tiktoken
+
+    self.path = path
+    ranks = {}
+    with open(path, "rb") as f:
+      for n, line in enumerate(f):
+        if line.strip():
+          try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+          except ValueError as e:
+            raise ValueError(
+              f"{path} line {n + 1} is not 'base64 rank'; pass a tiktoken tokenizer.model."
+            ) from e
+    base = len(ranks)
+    names = LLAMA3_SPECIAL_TOKENS + [
+      f"<|reserved_special_token_{2 + i}|>"
+      for i in range(LLAMA3_NUM_SPECIAL - len(LLAMA3_SPECIAL_TOKENS))
+    ]
+    self.special = {name: base + i for i, name in enumerate(names)}
+    self._enc = tiktoken.Encoding(
+      name=os.path.basename(path),
+      pat_str=LLAMA3_PATTERN,
+      mergeable_ranks=ranks,
+      special_tokens=self.special,
+    )
+    self.vocab_size = base + LLAMA3_NUM_SPECIAL
+    self.bos_id = self.special["<|begin_of_text|>"]
+    self.eos_id = self.special["<|end_of_text|>"]
+    self.pad_id = self.special["<|finetune_right_pad_id|>"]
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Ids of each text; special-token strings inside the text are encoded as plain text."""
+    out = []
+    for text in texts:
+      if len(text) <= _TIKTOKEN_MAX_RUN:
+        out.append(self._enc.encode_ordinary(text))
+      else:
+        out.append([i for p in _split_long_runs(text) for i in self._enc.encode_ordinary(p)])
+    return out
+
+  def _decode(self, ids: list[int]) -> str:
+    return self._enc.decode(ids)
+
+
+def load_tokenizer(spec_or_path: str) -> Tokenizer:
+  """'byte', a tokenizer.json, a tiktoken tokenizer.model, or a prepared dir (its tokenizer)."""
+  spec = str(spec_or_path)
+  if spec == "byte":
+    return ByteTokenizer()
+  if spec.startswith("bpe:"):
+    raise ValueError(
+      f"tokenizer {spec!r} must be trained first: run `python -m data.prepare "
+      f"--train_tokenizer={spec[4:]} ...` and use the prepared dir or its tokenizer.json."
+    )
+  if os.path.isdir(spec):
+    return tokenizer_from_prepared(spec)
+  if not os.path.exists(spec):
+    raise FileNotFoundError(
+      f"tokenizer {spec!r} does not exist; pass 'byte', a tokenizer.json or a tokenizer.model."
+    )
+  with open(spec, "rb") as f:
+    head = f.read(1).lstrip()
+  # A tokenizer.json is a JSON object; a tiktoken file is lines of base64 and ranks.
+  return HFTokenizer(spec) if head == b"{" else TiktokenTokenizer(spec)
+
+
+def tokenizer_from_prepared(directory: str) -> Tokenizer:
+  """The tokenizer saved in a dir: a prepared dir (metadata.json) or `Tokenizer.save`'s output."""
+  meta_path, spec_path = (os.path.join(directory, f) for f in ("metadata.json", SPEC_FILE))
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      spec = json.load(f)["tokenizer"]
+  elif os.path.exists(spec_path):
+    with open(spec_path) as f:
+      spec = json.load(f)
+  else:
+    raise FileNotFoundError(
+      f"{directory} holds no saved tokenizer; pass a dir written by `python -m data.prepare`."
+    )
+  if spec["kind"] == "byte":
+    return ByteTokenizer()
+  return load_tokenizer(os.path.join(directory, spec["file"]))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> HFTokenizer:
+  """Trains a byte-level BPE tokenizer of `vocab_size` ids on `texts`; saves tokenizer.json."""
+  from tokenizers import Tokenizer as _Tok
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  if vocab_size < 256 + len(TRAINED_SPECIALS):
+    raise ValueError(f"BPE vocab_size={vocab_size} is too small; use at least 259.")
+  tok = _Tok(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=TRAINED_SPECIALS,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator(texts, trainer=trainer)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tok.save(path)
+  return HFTokenizer(path)

@@ -1,0 +1,172 @@
+"""The prepared-data loader: (seed, step) fixes each batch; hosts read disjoint rows; resume."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from configs import base
+from data import create_pipeline
+from data.batching import batch_sharding
+from data.loader import PreparedPipeline, read_metadata, record_indices, rows_dataset
+from data.prepare import prepare
+from data.stdlib import ensure_stdlib_prepared, stdlib_files
+
+B, T = 8, 16
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  d = tmp_path_factory.mktemp("data")
+  (d / "corpus").mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(40):
+    words = rng.choice(["alpha", "beta", "gamma", "delta", "\n"], int(rng.integers(1, 40)))
+    (d / "corpus" / f"{i}.txt").write_text(f"doc {i} " + " ".join(words))
+  out = str(d / "prepared")
+  prepare(str(d / "corpus"), out, seq_len=T, eval_fraction=0.1, num_workers=0, progress=False)
+  return out
+
+
+def _mesh(shape=(2, 2, 2), devices=None):
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.array(devices).reshape(shape), ("data", "fsdp", "tensor"))
+
+
+def _pipeline(path, mesh, seed=0, **kw):
+  return PreparedPipeline(
+    path, seed=seed, global_batch=B, seq_len=T, sharding=batch_sharding(mesh), **kw
+  )
+
+
+def _rows_of(sharding, devices):
+  """Global rows held by a simulated host owning `devices` (any mesh layout)."""
+  rows = set()
+  for device, idx in sharding.devices_indices_map((B, T)).items():
+    if device in devices:
+      rows.update(range(*idx[0].indices(B)))
+  return np.array(sorted(rows))
+
+
+@pytest.mark.parametrize("layout", ["blocks", "scattered"])
+def test_two_hosts_read_disjoint_rows_that_make_the_batch(prepared, layout):
+  devices = jax.devices()
+  # Scattered: host A's devices (0-3) sit at mesh rows 0-1 and 4-5, so its rows are no one block.
+  order = {"blocks": range(8), "scattered": (0, 1, 4, 5, 2, 3, 6, 7)}[layout]
+  p = _pipeline(prepared, _mesh(devices=[devices[i] for i in order]))
+  rows_a, rows_b = _rows_of(p.sharding, set(devices[:4])), _rows_of(p.sharding, set(devices[4:]))
+  assert not set(rows_a) & set(rows_b)
+  assert sorted(set(rows_a) | set(rows_b)) == list(range(B))
+  assert (np.diff(rows_a).max() > 1) == (layout == "scattered")
+  for step in (0, 7, 1000):
+    full = p.read_rows(step, np.arange(B))
+    part_a, part_b = p.read_rows(step, rows_a), p.read_rows(step, rows_b)
+    for key in full:
+      np.testing.assert_array_equal(part_a[key], full[key][rows_a])
+      np.testing.assert_array_equal(part_b[key], full[key][rows_b])
+
+
+def test_hosts_split_along_tensor_read_the_same_rows(prepared):
+  devices = jax.devices()
+  # Each tensor pair spans both hosts, so both hosts must hold (and read) every row.
+  p = _pipeline(prepared, _mesh(devices=[devices[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)]))
+  rows_a, rows_b = _rows_of(p.sharding, set(devices[:4])), _rows_of(p.sharding, set(devices[4:]))
+  assert list(rows_a) == list(rows_b) == list(range(B))
+
+
+def test_global_batches_match_the_pure_function(prepared):
+  mesh = _mesh()
+  p = _pipeline(prepared, mesh)
+  meta = read_metadata(prepared)
+  it = p.train_batches(3)
+  for step in (3, 4, 5):
+    batch = next(it)
+    expected = p.read_rows(step, np.arange(B))
+    for key in ("inputs", "targets", "positions", "segment_ids", "loss_mask"):
+      assert batch[key].shape == (B, T) and batch[key].sharding == p.sharding
+      np.testing.assert_array_equal(np.asarray(batch[key]), expected[key])
+    # Row r of the step is record record_indices(seed, step)[r] of the unshuffled rows.
+    records = rows_dataset(prepared, meta, "train")
+    for r, i in enumerate(record_indices(0, step, np.arange(B), B, meta["num_rows"])):
+      np.testing.assert_array_equal(records[int(i)][0][:-1], expected["inputs"][r])
+  # Resuming at step 4 gives the same batches as continuing (the step is the whole state).
+  again = p.train_batches(4)
+  np.testing.assert_array_equal(
+    np.asarray(next(again)["inputs"]), p.read_rows(4, np.arange(B))["inputs"]
+  )
+
+
+def test_seed_fixes_the_order_and_epochs_reshuffle(prepared):
+  n = read_metadata(prepared)["num_rows"]
+  steps = range(2 * n // B + 1)
+  order = lambda seed: np.concatenate([record_indices(seed, s, np.arange(B), B, n) for s in steps])
+  a, b, c = order(0), order(0), order(1)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # Each epoch visits every record exactly once, in a new order.
+  assert sorted(a[:n]) == list(range(n)) == sorted(a[n : 2 * n]) == sorted(c[:n])
+  assert not np.array_equal(a[:n], a[n : 2 * n])
+  mesh = _mesh()
+  p0, p0b, p1 = (_pipeline(prepared, mesh, seed=s) for s in (0, 0, 1))
+  r0, r0b, r1 = (p.read_rows(2, np.arange(B))["inputs"] for p in (p0, p0b, p1))
+  np.testing.assert_array_equal(r0, r0b)
+  assert not np.array_equal(r0, r1)
+
+
+def test_worker_processes_give_the_same_batches(prepared):
+  mesh = _mesh((8, 1, 1))
+  plain = _pipeline(prepared, mesh).train_batches(10)
+  workers = _pipeline(prepared, mesh, num_workers=1).train_batches(10)
+  for _ in range(3):
+    a, b = next(plain), next(workers)
+    np.testing.assert_array_equal(np.asarray(a["inputs"]), np.asarray(b["inputs"]))
+  workers.close()
+
+
+def test_eval_batches_are_held_out_and_repeatable(prepared):
+  p = _pipeline(prepared, _mesh(), eval_steps=3)
+  first = [np.asarray(b["inputs"]) for b in p.eval_batches()]
+  second = [np.asarray(b["inputs"]) for b in p.eval_batches()]
+  assert len(first) == 3
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+  meta = read_metadata(prepared)
+  train = rows_dataset(prepared, meta, "train")._getitems(list(range(meta["num_rows"])))
+  train_rows = {tokens.tobytes() for tokens, _, _ in train}
+  held_out = rows_dataset(prepared, meta, "eval")._getitems(list(range(meta["num_eval_rows"])))
+  assert held_out and not any(tokens.tobytes() in train_rows for tokens, _, _ in held_out)
+  # Eval batch i holds eval rows i*B.. in order (wrapping around the small eval split).
+  first_row = rows_dataset(prepared, meta, "eval")[0][0]
+  np.testing.assert_array_equal(first[0][0], first_row[:-1])
+
+
+def test_errors_name_the_fix(prepared, tmp_path):
+  with pytest.raises(ValueError, match="--config.seq_len=16"):
+    PreparedPipeline(prepared, seed=0, global_batch=B, seq_len=32, sharding=batch_sharding(_mesh()))
+  with pytest.raises(FileNotFoundError, match="data.prepare"):
+    _pipeline(str(tmp_path / "nope"), _mesh())
+
+
+def test_create_pipeline_and_stdlib_cache(prepared, tmp_path):
+  c = base.get_config()
+  c.global_batch_size, c.seq_len, c.eval_steps = B, T, 1
+  c.data.source, c.data.path = "prepared", prepared
+  p = create_pipeline(c, _mesh())
+  assert p.fingerprint == read_metadata(prepared)["fingerprint"]
+  assert next(p.train_batches(0))["inputs"].shape == (B, T)
+  c.data.source, c.data.path = "nope", ""
+  with pytest.raises(ValueError, match="data.source='nope' is unknown"):
+    create_pipeline(c, _mesh())
+  kw = dict(tokenizer="byte", seq_len=T, max_bytes=100_000, progress=False)
+  path = ensure_stdlib_prepared(str(tmp_path), **kw)
+  meta = read_metadata(path)
+  assert meta["num_documents"] > 3 and meta["num_bytes"] >= 100_000
+  assert ensure_stdlib_prepared(str(tmp_path), **kw) == path  # Reused, not prepared again.
+  assert read_metadata(path)["fingerprint"] == meta["fingerprint"]
+  # Every document piece in a batch is a slice of one of the chosen stdlib files.
+  sources = b"\0".join(open(f, "rb").read() for f in stdlib_files(100_000))
+  ex = _pipeline(path, _mesh()).read_rows(0, np.arange(B))
+  for tokens, segments in zip(ex["inputs"], ex["segment_ids"]):
+    for s in np.unique(segments[segments > 0]):
+      piece = bytes(int(t) for t in tokens[segments == s] if t < 256)
+      assert piece in sources
