@@ -1,0 +1,234 @@
+"""Generation: greedy parity with transformers, KV-cache logits, sampling filters, the CLI."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.base import SHARDING_RULES
+from model import Llama3, ModelConfig
+from model.generate import decode_step, generate, init_cache, sample_logits
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+V = 128
+PAD = V + 1  # Outside the vocab, so a pad can never be mistaken for a generated token.
+PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [11, 2], [77, 30, 30, 9], [1, 2, 3]]
+N = 12
+SCALING = dict(
+  rope_type="llama3",
+  factor=8.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=16,
+)
+TINY = ModelConfig(
+  vocab_size=V,
+  embed_dim=32,
+  mlp_dim=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  rope_theta=10000.0,
+  rope_scaling=None,
+  max_seq_len=64,
+)
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+  """A random GQA LlamaForCausalLM with Llama 3.1 RoPE scaling, and the same model via load_hf."""
+  from model.hf import load_hf
+
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    rope_theta=500000.0,
+    rope_scaling=SCALING,
+    rms_norm_eps=1e-5,
+    # Weights large enough that greedy paths wander instead of repeating one token.
+    initializer_range=0.3,
+    bos_token_id=None,
+    eos_token_id=None,
+    attn_implementation="eager",
+  )
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  path = tmp_path_factory.mktemp("hf")
+  model.save_pretrained(path)
+  config, params = load_hf(path)
+  return model, config, params
+
+
+def _hf_greedy(model, prompt: list[int], eos_id: int | None) -> list[int]:
+  gen_config = transformers.GenerationConfig(
+    max_new_tokens=N, do_sample=False, eos_token_id=eos_id, pad_token_id=PAD
+  )
+  with torch.no_grad():
+    out = model.generate(
+      input_ids=torch.tensor([prompt]),
+      attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+      generation_config=gen_config,
+    )
+  return out[0].tolist()
+
+
+def test_greedy_matches_transformers_per_prompt(hf_pair):
+  model, config, params = hf_pair
+  ours = np.asarray(generate(config, params, PROMPTS, max_new_tokens=N, pad_id=PAD))
+  t = max(map(len, PROMPTS))
+  assert ours.shape == (len(PROMPTS), t + N)
+  for row, prompt in zip(ours, PROMPTS):
+    ref = _hf_greedy(model, prompt, None)
+    assert len(ref) == len(prompt) + N
+    assert row[: len(ref)].tolist() == ref
+    assert (row[len(ref) :] == PAD).all()
+    assert len(set(ref[len(prompt) :])) > 3, "a degenerate path would make this test weak"
+
+  # Stop at a token the first row emits mid-way: every row must match transformers' early stop.
+  eos = int(ours[0, len(PROMPTS[0]) + 4])
+  ours = np.asarray(generate(config, params, PROMPTS, max_new_tokens=N, eos_id=eos, pad_id=PAD))
+  for row, prompt in zip(ours, PROMPTS):
+    ref = _hf_greedy(model, prompt, eos)
+    assert row[: len(ref)].tolist() == ref
+    assert (row[len(ref) :] == PAD).all()
+  assert len(_hf_greedy(model, PROMPTS[0], eos)) <= len(PROMPTS[0]) + 5
+
+
+def _init_params(config: ModelConfig, seed: int):
+  """Random weights drawn in numpy: compiling Flax's truncated-normal init takes far longer."""
+  shapes = jax.eval_shape(lambda: Llama3(config).init(jax.random.key(0), jnp.zeros((1, 4), int)))
+  rng = np.random.default_rng(seed)
+  draw = lambda path, s: (
+    1.0 + 0.2 * rng.standard_normal(s.shape)
+    if "scale" in jax.tree_util.keystr(path)
+    else 0.2 * rng.standard_normal(s.shape)
+  ).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes)["params"])
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return _init_params(TINY, 2)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cache_logits_equal_full_forward(scan_layers):
+  config = TINY.replace(scan_layers=scan_layers)
+  params = _init_params(config, 1)
+  t, steps = 5, 6
+  lengths_B = np.array([5, 1, 3])
+  seqs_BxL = np.random.default_rng(0).integers(0, V, (3, t + steps))
+  cfg = config.replace(max_seq_len=t + steps)
+  # Prefill the right-padded prompts through the cache path, keeping logits at every slot.
+  slots_BxT = np.broadcast_to(np.arange(t), (3, t))
+  segment_ids_BxT = (slots_BxT < lengths_B[:, None]).astype(np.int32)
+  prefill = jax.jit(
+    lambda cache, tokens: Llama3(cfg).apply(
+      {"params": params, "cache": cache},
+      tokens,
+      slots_BxT,
+      segment_ids_BxT,
+      decode=True,
+      mutable=["cache"],
+    )
+  )
+  prefill_BxTxV, variables = prefill(
+    init_cache(cfg, 3), np.where(segment_ids_BxT, seqs_BxL[:, :t], 0)
+  )
+  # Then feed each sequence's own next tokens one at a time (teacher forcing).
+  step = jax.jit(decode_step, static_argnums=0)
+  cache, steps_BxV = variables["cache"], []
+  for j in range(steps):
+    tok_B = seqs_BxL[np.arange(3), lengths_B + j]
+    logits_BxV, cache = step(cfg, params, cache, tok_B, lengths_B + j)
+    steps_BxV.append(np.asarray(logits_BxV))
+  # Causality makes the logits of a sequence's prefix independent of what follows it.
+  full_BxLxV = np.asarray(jax.jit(Llama3(config).apply)({"params": params}, seqs_BxL))
+  assert np.abs(full_BxLxV).max() > 0.5
+  for b, n in enumerate(lengths_B):
+    cached_LxV = np.concatenate([np.asarray(prefill_BxTxV[b, :n]), np.stack(steps_BxV)[:, b]])
+    np.testing.assert_allclose(cached_LxV, full_BxLxV[b, : n + steps], atol=2e-5, rtol=1e-5)
+
+
+def test_sampling_reproducible_and_top_k_1_is_greedy(tiny_params):
+  sample = lambda key, **kw: np.asarray(
+    generate(TINY, tiny_params, PROMPTS, max_new_tokens=N, temperature=1.0, rng=key, **kw)
+  )
+  a, b, c = sample(jax.random.key(7)), sample(jax.random.key(7)), sample(jax.random.key(8))
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).sum() > N, "a different key should give a different sample"
+  greedy = np.asarray(generate(TINY, tiny_params, PROMPTS, max_new_tokens=N))
+  assert (a != greedy).sum() > N, "temperature 1 should not be greedy"
+  np.testing.assert_array_equal(sample(jax.random.key(7), top_k=1), greedy)
+  # A nucleus smaller than the top token's mass leaves only the top token.
+  np.testing.assert_array_equal(sample(jax.random.key(7), top_p=1e-6), greedy)
+
+
+def test_filters_keep_exactly_the_allowed_tokens():
+  probs_V = np.array([0.05, 0.4, 0.3, 0.15, 0.1])
+  logits_BxV = jnp.broadcast_to(jnp.log(jnp.asarray(probs_V)), (4000, 5))
+  sample = jax.jit(sample_logits)
+  draw = lambda **kw: np.asarray(
+    sample(logits_BxV, jax.random.key(0), **{"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kw})
+  )
+  # top_p=0.75: tokens 1 and 2 hold 0.7 < 0.75, so token 3 is also needed; 4 and 0 never appear.
+  assert set(draw(top_p=0.75).tolist()) == {1, 2, 3}
+  assert set(draw(top_k=2).tolist()) == {1, 2}
+  counts = np.bincount(draw(), minlength=5) / 4000
+  np.testing.assert_allclose(counts, probs_V, atol=0.03)
+  # Temperature 0.5 squares the probabilities (then renormalizes).
+  sharp = np.bincount(draw(temperature=0.5), minlength=5) / 4000
+  np.testing.assert_allclose(sharp, probs_V**2 / (probs_V**2).sum(), atol=0.03)
+
+
+def test_generate_on_a_mesh_matches_single_device(tiny_params):
+  from jax.sharding import Mesh, NamedSharding
+
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  boxed = jax.eval_shape(lambda: Llama3(TINY).init(jax.random.key(2), jnp.zeros((1, 4), jnp.int32)))
+  specs = nn.get_partition_spec(boxed)["params"]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(SHARDING_RULES):
+    shardings = jax.tree.map(
+      lambda s: NamedSharding(mesh, nn.logical_to_mesh_axes(s)),
+      specs,
+      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
+    sharded = jax.device_put(tiny_params, shardings)
+    on_mesh = generate(
+      TINY, sharded, PROMPTS, max_new_tokens=N, temperature=0.7, rng=jax.random.key(3)
+    )
+  plain = generate(
+    TINY, tiny_params, PROMPTS, max_new_tokens=N, temperature=0.7, rng=jax.random.key(3)
+  )
+  np.testing.assert_array_equal(np.asarray(on_mesh), np.asarray(plain))
+
+
+def test_cli_on_an_hf_checkpoint(tmp_path):
+  from data.tokenizers import train_bpe
+  from model.generate import sample_text
+  from model.hf import save_hf
+  from trainer.generate import generate_text
+
+  text = "def add(a, b):\n  return a + b\n" * 20
+  tokenizer = train_bpe([text], 300, str(tmp_path / "tokenizer.json"))
+  config = TINY.replace(vocab_size=tokenizer.vocab_size)
+  params = _init_params(config, 3)
+  save_hf(config, params, str(tmp_path))
+  kw = dict(max_new_tokens=9, temperature=0.8, top_k=50, seed=4)
+  printed = generate_text("def add", hf_checkpoint=str(tmp_path), **kw)
+  assert printed == sample_text(config, params, tokenizer, "def add", **kw)
+  assert printed.startswith("def add") and len(printed) > len("def add")
+  with pytest.raises(ValueError, match="exactly one"):
+    generate_text("x")
+  with pytest.raises(FileNotFoundError, match="tokenizer"):
+    generate_text("x", hf_checkpoint=str(tmp_path / "elsewhere"))
