@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import jax
@@ -117,11 +118,30 @@ class Checkpointer:
         )
       except Exception as e:  # noqa: BLE001
         logging.warning(
-          "Checkpoint at step %d failed to restore (%s); trying an older one.", step, _first_line(e)
+          "Checkpoint at step %d failed to restore (%s); moved it to %s and trying an older one.",
+          step,
+          _first_line(e),
+          self._set_aside(step),
         )
         continue
       return restored["state"], restored["data"], step
     return None
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves an unrestorable step out of the manager's sight (never deletes it)."""
+    target = self.directory.parent / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    self._sync("set_aside")
+    self.manager.reload()
+    return target
+
+  def _sync(self, name: str) -> None:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      multihost_utils.sync_global_devices(f"checkpoint_{name}")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

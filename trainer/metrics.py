@@ -27,7 +27,11 @@ class JsonlWriter(metric_writers.MetricWriter):
   def __init__(self, path: str):
     self._path = epath.Path(path)
     self._path.parent.mkdir(parents=True, exist_ok=True)
+    text = self._path.read_text() if self._path.exists() else ""
     self._file = self._path.open("a")
+    if text and not text.endswith("\n"):
+      # A process killed mid-line left half a record; the next one starts on its own line.
+      self._file.write("\n")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     self._file.write(
