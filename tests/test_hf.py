@@ -1,0 +1,230 @@
+"""Parity with transformers' LlamaForCausalLM (PyTorch fp32) and the HF import/export paths."""
+
+import json
+import os
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax.linen import meta
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from model import Llama3  # noqa: E402
+from model.hf import (  # noqa: E402
+  config_from_hf,
+  load_hf,
+  load_params_dir,
+  main,
+  save_hf,
+  save_params_dir,
+  stack_layers,
+)
+
+TOL = 1e-4
+T = 24
+SCALING = dict(
+  rope_type="llama3",
+  factor=8.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=64,
+)
+# (a) GQA with Llama 3.1 scaling: with head_dim 16 and theta 5e5 the wavelengths (6, 33, 168, ...)
+# fall in all three bands of original_max_position_embeddings=64; (b) tied-embedding MHA.
+GQA = dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, rope_scaling=SCALING)
+TIED_MHA = dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+
+
+def _hf_model(**kw) -> "transformers.LlamaForCausalLM":
+  """A tiny random LlamaForCausalLM whose RMSNorm weights are moved away from 1."""
+  torch.manual_seed(0)
+  base = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    attn_implementation="eager",
+  )
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**base, **kw})).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.5 * torch.randn_like(p))
+  return model
+
+
+def _inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Two rows of tokens and positions that run to a few thousand (where the scaling matters)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 256, (2, T))
+  positions = np.stack([np.arange(T), np.sort(rng.choice(4000, T, replace=False))])
+  return tokens, positions
+
+
+def _hf_logits(model, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens), position_ids=torch.tensor(positions))
+  return out.logits.numpy()
+
+
+def _our_logits(config, params, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+  return np.asarray(Llama3(config).apply({"params": params}, tokens, positions))
+
+
+@pytest.fixture(scope="module", params=["gqa_rope_scaling", "tied_mha"])
+def case(request, tmp_path_factory):
+  """An HF model saved by transformers itself, plus its logits on `_inputs()`."""
+  kw = GQA if request.param == "gqa_rope_scaling" else TIED_MHA
+  model = _hf_model(**kw)
+  hf_dir = str(tmp_path_factory.mktemp(request.param))
+  model.save_pretrained(hf_dir)
+  tokens, positions = _inputs()
+  return types.SimpleNamespace(
+    name=request.param, model=model, dir=hf_dir, logits=_hf_logits(model, tokens, positions)
+  )
+
+
+def test_load_hf_matches_transformers(case):
+  tokens, positions = _inputs()
+  assert case.logits.std() > 0.5  # Logits large enough for 1e-4 to be a real bound.
+  config, params = load_hf(case.dir, scan_layers=True)
+  assert config.tie_embeddings == (case.name == "tied_mha")
+  assert ("lm_head" in params) == (case.name != "tied_mha")
+  diff = np.abs(_our_logits(config, params, tokens, positions) - case.logits).max()
+  print(f"{case.name}: max |logit diff| vs transformers = {diff:.2e}")
+  assert diff <= TOL
+  # The unscanned layout holds the same numbers.
+  config_u, params_u = load_hf(case.dir, scan_layers=False)
+  assert not config_u.scan_layers and "layers_1" in params_u
+  jax.tree.map(np.testing.assert_array_equal, stack_layers(params_u), params)
+  diff_u = np.abs(_our_logits(config_u, params_u, tokens, positions) - case.logits).max()
+  assert diff_u <= TOL
+  if config.rope_scaling is not None:
+    # Guard: dropping the scaling must change logits far beyond TOL, so the check above saw it.
+    unscaled = _our_logits(config.replace(rope_scaling=None), params, tokens, positions)
+    assert np.abs(unscaled - case.logits).max() > 100 * TOL
+
+
+def test_save_hf_loads_in_transformers(case, tmp_path):
+  tokens, positions = _inputs(seed=1)
+  config, params = load_hf(case.dir)
+  ours = _our_logits(config, params, tokens, positions)
+  sharded = case.name == "gqa_rope_scaling"
+  save_hf(config, params, str(tmp_path), max_shard_bytes=40_000 if sharded else 5 * 10**9)
+  files = sorted(os.listdir(tmp_path))
+  if sharded:
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 2
+  else:
+    assert "model.safetensors" in files
+  with open(tmp_path / "config.json") as f:
+    written = json.load(f)
+  assert written["model_type"] == "llama" and written["architectures"] == ["LlamaForCausalLM"]
+  assert "rope_theta" in written and "rope_parameters" not in written
+  assert written["torch_dtype"] == "float32"
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(
+    str(tmp_path), attn_implementation="eager"
+  )
+  diff = np.abs(_hf_logits(reloaded, tokens, positions) - ours).max()
+  print(f"{case.name}: max |logit diff| after save_hf -> from_pretrained = {diff:.2e}")
+  assert diff <= TOL
+  # And our own loader reads the (sharded) export back bit for bit.
+  config2, params2 = load_hf(str(tmp_path))
+  assert config2 == config
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_save_hf_accepts_boxed_unscanned_params(tmp_path):
+  config, _ = load_hf(_saved(tmp_path / "src", TIED_MHA))
+  config = config.replace(scan_layers=False)
+  boxed = Llama3(config).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+  save_hf(config, boxed, str(tmp_path / "out"), dtype="bfloat16")
+  config2, params2 = load_hf(str(tmp_path / "out"), scan_layers=False)
+  assert config2.param_dtype == "float32"
+  unboxed = jax.tree.map(np.asarray, meta.unbox(boxed))
+  for a, b in zip(jax.tree.leaves(unboxed), jax.tree.leaves(params2)):
+    np.testing.assert_allclose(a, b, rtol=2**-8, atol=0)  # bf16 rounding, nothing more.
+  with open(tmp_path / "out" / "config.json") as f:
+    assert json.load(f)["torch_dtype"] == "bfloat16"
+
+
+def _saved(path, kw) -> str:
+  _hf_model(**kw).save_pretrained(str(path))
+  return str(path)
+
+
+def test_both_rope_spellings_give_one_config(case):
+  with open(os.path.join(case.dir, "config.json")) as f:
+    new_style = json.load(f)  # transformers 5 writes rope_parameters with rope_theta inside.
+  assert "rope_parameters" in new_style
+  old_style = {k: v for k, v in new_style.items() if k != "rope_parameters"}
+  rope = dict(new_style["rope_parameters"])
+  old_style["rope_theta"] = rope.pop("rope_theta")
+  old_style["rope_scaling"] = rope if rope.get("rope_type") == "llama3" else None
+  config_new, config_old = config_from_hf(new_style), config_from_hf(old_style)
+  assert config_new == config_old
+  if case.name == "gqa_rope_scaling":
+    assert config_new.rope_theta == 500000.0
+    assert dict(config_new.rope_scaling)["original_max_position_embeddings"] == 64
+  else:
+    assert config_new.rope_scaling is None
+
+
+@pytest.mark.parametrize(
+  "setup, match",
+  [
+    ("empty", "has no config.json"),
+    ("gpt2", "not 'llama'"),
+    ("no_weights", "neither model.safetensors"),
+    ("yarn", "RoPE type 'yarn'"),
+  ],
+)
+def test_not_a_llama_dir_raises_one_clear_sentence(tmp_path, setup, match):
+  hf = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8}
+  hf.update(num_hidden_layers=1, num_attention_heads=2)
+  if setup == "gpt2":
+    hf["model_type"] = "gpt2"
+  if setup == "yarn":
+    hf["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+  if setup != "empty":
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+  with pytest.raises(ValueError, match=match) as err:
+    load_hf(str(tmp_path))
+  assert "\n" not in str(err.value) and str(err.value).endswith(".")
+
+
+def test_cli_import_export_round_trip(tmp_path, monkeypatch):
+  src = _saved(tmp_path / "hf", GQA)
+  main(["import", f"--hf_dir={src}", f"--output={tmp_path / 'params'}"])
+  config, params = load_params_dir(str(tmp_path / "params"))
+  assert config.scan_layers and config.rope_scaling is not None
+  main(["export", f"--checkpoint={tmp_path / 'params'}", f"--output={tmp_path / 'hf2'}"])
+  from safetensors.numpy import load_file
+
+  original = load_file(os.path.join(src, "model.safetensors"))
+  exported = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+  assert sorted(original) == sorted(exported)
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  with pytest.raises(ValueError, match="not empty"):
+    save_params_dir(config, params, str(tmp_path / "params"))
+
+  # A training workdir (no model_config.json) goes through trainer.checkpoint.restore_params.
+  calls = []
+  fake = types.ModuleType("trainer.checkpoint")
+  fake.restore_params = lambda workdir: calls.append(workdir) or (config, params)
+  monkeypatch.setitem(sys.modules, "trainer.checkpoint", fake)
+  (tmp_path / "workdir").mkdir()
+  main(["export", f"--checkpoint={tmp_path / 'workdir'}", f"--output={tmp_path / 'hf3'}"])
+  assert calls == [str(tmp_path / "workdir")]
+  assert (tmp_path / "hf3" / "model.safetensors").read_bytes() == (
+    tmp_path / "hf2" / "model.safetensors"
+  ).read_bytes()
