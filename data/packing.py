@@ -31,7 +31,10 @@ def rows_from_stream(
   piece_seg = np.arange(len(cuts)) - np.searchsorted(cuts, cuts - cuts % row_len) + 1
   piece_seg[cuts >= num_valid] = 0
   seg = np.repeat(piece_seg.astype(meta_dtype), lengths)
-  pos = (np.arange(n, dtype=np.int64) - np.repeat(cuts, lengths)).astype(meta_dtype)
+  # Column in the row minus the column where the piece starts; every row start is a cut. Done in
+  # the small output dtype: this is the hot loop of preparation.
+  col = np.tile(np.arange(row_len, dtype=meta_dtype), n // row_len)
+  pos = col - np.repeat((cuts % row_len).astype(meta_dtype), lengths)
   pos[num_valid:] = 0
   shape = (-1, row_len)
   return tokens.reshape(shape), seg.reshape(shape), pos.reshape(shape)
@@ -81,15 +84,20 @@ def row_dtypes(vocab_size: int, row_len: int) -> dict[str, str]:
   }
 
 
-def encode_rows(rows: Rows, dtypes: dict[str, str]) -> bytes:
-  """All rows as one buffer of equal-size records: tokens, then segment ids, then positions."""
-  if not len(rows[0]):
-    return b""
-  tok = rows[0].astype(dtypes["tokens"], copy=False)
-  rest = np.concatenate(rows[1:], axis=1).astype(dtypes["segment_ids"], copy=False)
-  n = len(tok)
-  parts = [tok.view(np.uint8).reshape(n, -1), rest.view(np.uint8).reshape(n, -1)]
-  return np.concatenate(parts, axis=1).tobytes()
+def encode_rows(rows: Rows, dtypes: dict[str, str]) -> np.ndarray:
+  """Records [R, record_bytes] (uint8): a row's tokens, then its segment ids, then positions.
+
+  Written straight into one buffer: at ~100 MB/s of rows, every extra copy shows.
+  """
+  tok, seg, pos = rows
+  n, row_len = tok.shape
+  tok_dt, meta_dt = np.dtype(dtypes["tokens"]), np.dtype(dtypes["segment_ids"])
+  a, b = row_len * tok_dt.itemsize, row_len * meta_dt.itemsize
+  out = np.empty((n, a + 2 * b), np.uint8)
+  out[:, :a].view(tok_dt)[:] = tok
+  out[:, a : a + b].view(meta_dt)[:] = seg
+  out[:, a + b :].view(meta_dt)[:] = pos
+  return out
 
 
 def record_bytes(row_len: int, dtypes: dict[str, str]) -> int:

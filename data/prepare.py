@@ -79,20 +79,19 @@ class _ShardWriter:
     self.num_rows, self._in_shard, self._writer = 0, 0, None
     self.hash = hashlib.sha256()
 
-  def write(self, buffer: bytes, record_size: int) -> None:
-    """Writes `buffer` as consecutive records of `record_size` bytes."""
+  def write(self, records: np.ndarray) -> None:
+    """Writes each row of `records` (uint8 [R, record_bytes]) as one record."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    self.hash.update(buffer)  # Hashing the concatenation equals hashing record by record.
-    for offset in range(0, len(buffer), record_size):
-      record = buffer[offset : offset + record_size]
+    self.hash.update(records)  # Hashing the concatenation equals hashing record by record.
+    for record in records:
       if self._writer is None or self._in_shard == self.rows_per_shard:
         self.close()
         self.files.append(f"{self.prefix}-{len(self.files):05d}.array_record")
         self._writer = ArrayRecordWriter(
           os.path.join(self.directory, self.files[-1]), _WRITER_OPTIONS
         )
-      self._writer.write(record)
+      self._writer.write(record.tobytes())
       self._in_shard += 1
       self.num_rows += 1
 
@@ -204,10 +203,10 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
     num_docs += len(lengths)
     for split, mask in (("train", ~is_eval), ("eval", is_eval)):
       if mask.any():
-        sel = np.repeat(mask, lengths)
-        counts[split].update(documents=int(mask.sum()), tokens=int(sel.sum()))
-        rows = packers[split].add(flat[sel], lengths[mask])
-        writers[split].write(encode_rows(rows, dtypes), row_bytes)
+        tokens = flat if mask.all() else _select_documents(flat, lengths, mask)
+        counts[split].update(documents=int(mask.sum()), tokens=len(tokens))
+        rows = packers[split].add(tokens, lengths[mask])
+        writers[split].write(encode_rows(rows, dtypes))
   bar.close()
   if num_docs == 0:
     raise ValueError(
@@ -216,7 +215,7 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
       f"and --text_field."
     )
   for split in writers:
-    writers[split].write(encode_rows(packers[split].finish(), dtypes), row_bytes)
+    writers[split].write(encode_rows(packers[split].finish(), dtypes))
     writers[split].close()
   fp = hashlib.sha256(f"v{FORMAT_VERSION}:{row_len}:{tok.fingerprint}:{dtypes}".encode())
   for w in writers.values():
@@ -246,6 +245,14 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
   with open(os.path.join(out, "metadata.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return meta
+
+
+def _select_documents(flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Tokens of the documents where `mask` is set, copied run by run rather than token by token."""
+  ends = np.cumsum(lengths)
+  idx = np.flatnonzero(mask)
+  runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
+  return np.concatenate([flat[ends[r[0]] - lengths[r[0]] : ends[r[-1]]] for r in runs])
 
 
 def _summary(meta: dict[str, Any], output: str) -> str:

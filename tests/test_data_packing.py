@@ -77,10 +77,9 @@ def test_record_round_trip(vocab):
   docs = [np.random.default_rng(0).integers(0, vocab, 13).astype(np.int32), np.arange(4)]
   rows = pack_documents(docs, row_len, PAD)
   dtypes = row_dtypes(vocab, row_len)
-  buf = encode_rows(rows, dtypes)
-  size = record_bytes(row_len, dtypes)
-  assert len(buf) == size * len(rows[0])
-  for r in range(len(rows[0])):
-    back = decode_row(buf[r * size : (r + 1) * size], row_len, dtypes)
+  records = encode_rows(rows, dtypes)
+  assert records.shape == (len(rows[0]), record_bytes(row_len, dtypes))
+  for r, record in enumerate(records):
+    back = decode_row(record.tobytes(), row_len, dtypes)
     for a, b in zip(back, rows):
       np.testing.assert_array_equal(a, b[r])

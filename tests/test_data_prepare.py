@@ -135,3 +135,24 @@ def test_bad_inputs(tmp_path):
     prepare(str(tmp_path / "ok.txt"), str(tmp_path / "o"), seq_len=8, num_workers=0)
   with pytest.raises(SystemExit, match="error: .*matches no files"):
     main(["--input", str(tmp_path / "none*"), "--output", str(tmp_path / "x"), "--seq_len", "8"])
+
+
+def test_hf_source_specs(tmp_path, monkeypatch):
+  """hf:NAME[:CONFIG]:SPLIT reaches datasets.load_dataset (a stand-in: no network, no extra)."""
+  import sys
+  import types
+
+  calls = []
+
+  def load_dataset(name, config=None, split=None):
+    calls.append((name, config, split))
+    return [{"text": f"{name} {config} {split} {i}"} for i in range(4)]
+
+  fake = types.SimpleNamespace(load_dataset=load_dataset, DatasetDict=dict)
+  monkeypatch.setitem(sys.modules, "datasets", fake)
+  meta = prepare("hf:org/corpus:en:train", str(tmp_path / "a"), seq_len=8, num_workers=0)
+  assert calls == [("org/corpus", "en", "train")] and meta["num_documents"] == 4
+  prepare("hf:corpus:test", str(tmp_path / "b"), seq_len=8, num_workers=0, eval_fraction=0)
+  assert calls[-1] == ("corpus", None, "test")
+  docs = _documents(str(tmp_path / "b"), "train")
+  assert [load_tokenizer(str(tmp_path / "b")).decode(d) for d in docs][0] == "corpus None test 0"
