@@ -21,6 +21,10 @@ $(VENV)/.test: pyproject.toml
 
 train: $(VENV)/.base
 	$(PY) -m trainer.train --config=configs/tiny.py --workdir=runs/tiny
+	@echo "--- a sample from the model just trained:"
+	$(PY) -m trainer.generate --workdir=runs/tiny --prompt="def " --max_new_tokens=80 \
+	  --temperature=0.8 --top_k=40
+	@echo "--- metrics: runs/tiny/metrics.jsonl; TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
