@@ -8,12 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
+from data import create_pipeline
+from model import Llama3
 from tests.common import tiny_config
-from trainer.checkpoint import CheckpointMismatchError
+from trainer import state as state_lib
+from trainer import step as step_lib
+from trainer.checkpoint import CheckpointMismatchError, restore_params
 from trainer.loop import train_and_evaluate
+from trainer.mesh import create_mesh
 
 STEPS = 12
 
@@ -154,3 +161,32 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight_cli):
   out, _ = rerun.communicate(timeout=300)
   assert rerun.returncode == 0, out
   assert losses(tmp_path) == straight_cli
+
+
+def _eval_loss(config, params) -> float:
+  mesh = create_mesh(config.mesh, jax.devices()[:1])
+  model = Llama3(state_lib.model_config(config))
+  replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+  eval_step = step_lib.jit_eval_step(
+    config, model, mesh, state_lib.logical_rules(config), replicated
+  )
+  total = None
+  for batch in create_pipeline(config, mesh).eval_batches():
+    m = eval_step(params, batch)
+    total = m if total is None else total.merge(m)
+  return float(total.compute()["eval_loss"])
+
+
+def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path):
+  trained = config(steps=4, eval_every=4)
+  last = train_and_evaluate(trained, str(tmp_path / "a"))
+  mcfg, params = restore_params(str(tmp_path / "a"))
+  assert mcfg == state_lib.model_config(trained)
+  assert _eval_loss(trained, params) == pytest.approx(last["eval_loss"], rel=1e-5)
+  # A new run started from it: its first step has learning rate 0 (warmup), so its eval after
+  # step 1 is the trained model's eval, and its step counter starts again from 0.
+  fresh = config(steps=1, eval_every=1, init_from=str(tmp_path / "a"))
+  first = train_and_evaluate(fresh, str(tmp_path / "b"))
+  assert first["learning_rate"] == 0.0
+  assert first["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
+  assert sorted(losses(tmp_path / "b")) == [1]

@@ -157,14 +157,19 @@ def _first_line(e: BaseException) -> str:
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any]:
-  """(ModelConfig, params) of a training run's newest (or given) checkpoint, on this host."""
-  from trainer.state import TrainState, model_config  # noqa: PLC0415 - avoid an import cycle.
+  """(ModelConfig, params) of a training run's newest (or given) checkpoint, on this host.
+
+  Only the parameters are read (not the optimizer moments), onto the first local device.
+  """
+  import flax.linen as nn  # noqa: PLC0415
+
+  from model import Llama3  # noqa: PLC0415
 
   config_path = epath.Path(workdir) / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} does not exist; pass the --workdir of a training run.")
-  config = json.loads(config_path.read_text())
-  mcfg = model_config(_Namespace(config))
+  model_dict = json.loads(config_path.read_text())["model"]
+  mcfg = ModelConfig(**model_dict)
   manager = ocp.CheckpointManager(
     epath.Path(workdir) / "checkpoints",
     item_names=("state", "data", "config"),
@@ -176,14 +181,22 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
       f"{workdir} has no checkpoints yet; train first or pass another --workdir."
     )
   step = steps[-1] if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
-  params = state["params"] if isinstance(state, dict) else TrainState(**state).params
-  return mcfg, jax.tree.map(jax.numpy.asarray, params)
-
-
-class _Namespace:
-  """Attribute access over the `model` entry of a saved config dict."""
-
-  def __init__(self, d: dict[str, Any]):
-    self.model = d["model"]
+  device = jax.local_devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  shapes = jax.eval_shape(
+    lambda: nn.unbox(Llama3(mcfg).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32")))
+  )["params"]
+  item = {
+    "params": jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+    )
+  }
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    ),
+  )
+  manager.close()
+  return mcfg, restored["state"]["params"]
