@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data import create_pipeline
+from data.prepare import prepare
 from model import Llama3
 from tests.common import tiny_config
 from trainer import state as state_lib
@@ -23,10 +24,39 @@ from trainer.loop import train_and_evaluate
 from trainer.mesh import create_mesh
 
 STEPS = 12
+CORPUS = {}  # The prepared data every run here trains on, set up once per module.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prepared_corpus(tmp_path_factory):
+  """Real text: twenty standard-library modules, byte-tokenized and packed into rows of 33."""
+  src = tmp_path_factory.mktemp("corpus")
+  for path in sorted(Path(json.__file__).parent.parent.glob("*.py"))[:20]:
+    (src / f"{path.stem}.txt").write_bytes(path.read_bytes())
+  out = str(tmp_path_factory.mktemp("prepared") / "data")
+  prepare(
+    f"{src}/*.txt",
+    out,
+    seq_len=32,
+    tokenizer="byte",
+    eval_fraction=0.1,
+    num_workers=1,
+    progress=False,
+  )
+  CORPUS["path"] = out
+  yield out
 
 
 def config(**overrides):
-  base = {"steps": STEPS, "log_every": 1, "checkpoint_every": 4, "optimizer.decay_steps": STEPS}
+  base = {
+    "steps": STEPS,
+    "log_every": 1,
+    "checkpoint_every": 4,
+    "optimizer.decay_steps": STEPS,
+    "data.source": "prepared",
+    "data.path": CORPUS["path"],
+    "model.vocab_size": 320,
+  }
   return tiny_config(**{**base, **overrides})
 
 
