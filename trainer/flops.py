@@ -25,6 +25,11 @@ PEAK_FLOPS = (
 )
 # HBM per chip in bytes, for planning.
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+# HBM bandwidth per chip in bytes/s (Cloud TPU spec pages), for the planner's roofline.
+HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1638e9}
+# Bidirectional ICI bandwidth per chip in bytes/s, all links together (Cloud TPU spec pages; v4
+# from its paper: six links of 50 GB/s each way).
+ICI_BANDWIDTH = {"v4": 600e9, "v5e": 400e9, "v5p": 1200e9, "v6e": 800e9}
 
 
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:

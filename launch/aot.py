@@ -1,0 +1,208 @@
+"""AOT compiles of the train step for TPU devices, and what the compiler says: HBM, FLOPs, bytes.
+
+XLA's cost analysis counts a loop body once, so a scanned layer stack, the chunked loss and
+gradient accumulation are all under-counted in the real step. `step_cost` therefore compiles two
+loop-free cost probes (the step unscanned with 1 and 2 layers, the loss unchunked, one
+microbatch) and extrapolates linearly in depth and microbatches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model import Llama3
+from trainer import optimizer
+from trainer import state as state_lib
+from trainer import step as step_lib
+from trainer.loop import check_batch_fits_mesh, validate
+from trainer.mesh import create_mesh, mesh_context
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8})
+_COLLECTIVE_OP = re.compile(
+  r"\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+)
+
+
+@dataclasses.dataclass
+class Compiled:
+  """What one AOT compile of a train step says, per device."""
+
+  fits: bool
+  peak_bytes: int  # Peak HBM; a lower bound when the compiler ran out of memory.
+  compile_s: float
+  cost: dict[str, float] | None = None  # flops, bytes, seconds (optimal_seconds), ici_bytes.
+  note: str = ""
+
+
+def with_overrides(config: Any, **overrides: Any) -> Any:
+  """A copy of `config` with dotted keys (as `model__remat`) set."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *parents, leaf = key.split("__")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _array_bytes(type_text: str) -> list[int]:
+  sizes = []
+  for dtype, dims in re.findall(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]", type_text):
+    n = math.prod(int(d) for d in dims.split(",") if d)
+    sizes.append(n * _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 4))
+  return sizes
+
+
+def _group_size(line: str, default: int) -> int:
+  if m := re.search(r"replica_groups=\{\{([0-9,]*)\}", line):
+    return len(m.group(1).split(","))
+  if m := re.search(r"replica_groups=\[\d+,(\d+)\]<=", line):
+    return int(m.group(1))
+  if m := re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line):
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'(\w+)'", m.group(2)))
+  return default
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> float:
+  """Bytes one device sends over ICI per run of a loop-free compiled HLO module (ring model).
+
+  A collective shows up once per fusion that uses a piece of it; its channel_id is counted once.
+  """
+  seen, total = set(), 0.0
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE_OP.search(line)
+    if m is None or " = " not in line[: m.start() + 1]:
+      continue
+    channel = re.search(r"channel_id=(\d+)", line)
+    if channel is not None:
+      if channel.group(1) in seen:
+        continue
+      seen.add(channel.group(1))
+    op, start = m.group(1), m.group(2)
+    sizes = _array_bytes(line[line.index(" = ") + 3 : m.start()])
+    if not sizes:
+      continue
+    # Async starts return (operand, result, scratch...): the largest array is the payload.
+    size = max(sizes) if start and op != "all-reduce" else sum(sizes)
+    n = _group_size(line, num_devices)
+    if op == "collective-permute":
+      total += size
+    elif n > 1:
+      scale = {"all-reduce": 2.0, "reduce-scatter": float(n)}.get(op, 1.0)
+      total += scale * size * (n - 1) / n
+  return total
+
+
+def parse_oom(message: str, argument_bytes: int) -> int | None:
+  """Peak HBM bytes (a lower bound) from libtpu's out-of-memory compile error, if it is one."""
+  num = r"([0-9.]+)([KMGT]?)"
+  if m := re.search(rf"HLO temporaries \({num}\) exceeds available HBM", message):
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) + argument_bytes
+  if m := re.search(rf"Used {num} of {num} hbm", message):
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+  return None
+
+
+def _abstract_batch(config: Any, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (config.global_batch_size, config.seq_len)
+  return {
+    key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32, sharding=s)
+    for key, s in step_lib.batch_shardings(mesh).items()
+  }
+
+
+def _shard_bytes(tree: Any) -> int:
+  leaves = jax.tree.leaves(tree)
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves
+  )
+
+
+def compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool = False):
+  """AOT-compiles the real train step for `config` on `devices`; returns (Compiled, hlo text)."""
+  validate(config)
+  mesh = create_mesh(config.mesh, devices)
+  check_batch_fits_mesh(config, mesh)
+  model = Llama3(state_lib.model_config(config))
+  rules = state_lib.logical_rules(config)
+  tx = optimizer.make_optimizer(config)
+  shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  state = state_lib.abstract_state(model, tx, shardings)
+  batch = _abstract_batch(config, mesh)
+  train_step = step_lib.jit_train_step(
+    config, model, tx, optimizer.learning_rate_schedule(config), mesh, rules, shardings
+  )
+  t0 = time.perf_counter()
+  try:
+    with mesh_context(mesh):
+      compiled = train_step.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    peak = parse_oom(str(e), _shard_bytes((state, batch)))
+    if peak is None:
+      raise
+    return Compiled(False, peak, time.perf_counter() - t0, note="compiler ran out of HBM"), ""
+  elapsed = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  # What the runtime allocates: live arguments, outputs that do not reuse a donated input, and the
+  # temp buffer (as MaxText counts it); the heap simulator's own peak can come out lower.
+  allocated = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  peak = int(max(allocated + m.temp_size_in_bytes, getattr(m, "peak_memory_in_bytes", 0)))
+  raw = compiled.cost_analysis()
+  raw = raw[0] if isinstance(raw, list | tuple) else raw
+  cost = {
+    "flops": float(raw.get("flops", 0.0)),
+    "bytes": float(raw.get("bytes accessed", 0.0)),
+    "seconds": float(raw.get("optimal_seconds", -1.0)),
+  }
+  hlo = compiled.as_text() if with_hlo else ""
+  return Compiled(peak <= hbm_bytes, peak, elapsed, cost), hlo
+
+
+def step_cost(config: Any, devices: list[Any], hbm_bytes: int) -> tuple[dict[str, float], float]:
+  """Per-device cost of one whole step, from loop-free cost probes; returns (cost, probe seconds).
+
+  cost(L layers) = probe(1) + (L - 1) * (probe(2) - probe(1)), times the microbatches (the
+  optimizer update, a small elementwise part, is then counted once per microbatch).
+  """
+  accum = int(config.grad_accum_steps)
+  layers = int(config.model.num_layers)
+  base = dict(
+    model__scan_layers=False,
+    loss_chunk_size=0,
+    grad_accum_steps=1,
+    global_batch_size=config.global_batch_size // accum,
+  )
+  probes, seconds = [], 0.0
+  for depth in sorted({1, min(2, layers)}):
+    probe, hlo = compile_step(
+      with_overrides(config, model__num_layers=depth, **base), devices, hbm_bytes, with_hlo=True
+    )
+    seconds += probe.compile_s
+    if probe.cost is None:
+      raise RuntimeError(f"the {depth}-layer cost probe ran out of HBM ({probe.note})")
+    probes.append({**probe.cost, "ici_bytes": collective_bytes(hlo, len(devices))})
+  first, last = probes[0], probes[-1]
+  cost = {k: accum * (first[k] + (layers - 1) * (last[k] - first[k])) for k in first}
+  if min(p["seconds"] for p in probes) <= 0:
+    # A negative step time (seen on v5e and v6e) must not turn positive by extrapolation.
+    cost["seconds"] = min(p["seconds"] for p in probes)
+  return cost, seconds
+
+
+def needs_probes(config: Any) -> bool:
+  """Whether XLA's cost of the real step misses loop trips (scan, chunked loss, accumulation)."""
+  chunk, t = int(config.loss_chunk_size), int(config.seq_len)
+  chunked = 0 < chunk < t and t % chunk == 0
+  return bool(config.model.scan_layers) or chunked or int(config.grad_accum_steps) > 1

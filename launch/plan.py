@@ -1,0 +1,386 @@
+"""Ahead-of-time plan of a training run on a TPU slice: HBM, FLOPs, step time, MFU, from this CPU.
+
+python -m launch.plan --config=configs/llama3_8b.py --topology=v5p-256 \\
+  --config.global_batch_size=128 --config.seq_len=2048 [--compare_loss_chunking]
+python -m launch.plan --config=configs/tiny.py --topology=v5e-8 --search
+
+The real train step (`trainer.step.jit_train_step`) is compiled by libtpu for the named topology;
+memory comes from that compile, costs from loop-free probes (see `launch.aot`). The step time is
+the compiler's (`optimal_seconds`) when it is positive and no faster than the chips' peak FLOP/s
+allows; otherwise a stated roofline: the largest of FLOPs / peak, HBM bytes / HBM bandwidth and
+collective bytes / ICI bandwidth (one direction, all links), i.e. perfect overlap. The JSON says
+which (`estimate`). stdout holds a table and, last, one JSON line; exit code 3: does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The planner compiles for chips it never drives.
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+
+from launch import aot  # noqa: E402
+from launch import topology as topo_lib  # noqa: E402
+from trainer import flops  # noqa: E402
+from trainer import state as state_lib  # noqa: E402
+from trainer.mesh import create_mesh  # noqa: E402
+
+NOT_FITTING_EXIT_CODE = 3
+_GIB = float(1 << 30)
+
+
+def resolve_attention(config: Any) -> Any:
+  """'auto' means splash on TPU, but tracing here happens on CPU: pick what the TPU would run."""
+  if config.model.attention != "auto":
+    return config
+  has_splash = importlib.util.find_spec("model.splash") is not None
+  return aot.with_overrides(config, model__attention="splash" if has_splash else "xla")
+
+
+def advice(config: Any, mesh_shape: dict[str, int]) -> list[str]:
+  """What would make a plan that does not fit fit, most effective first."""
+  tips = []
+  if config.model.remat != "full":
+    tips.append("recompute activations: --config.model.remat=full")
+  if mesh_shape["data"] > 1 or mesh_shape["tensor"] > 1:
+    tips.append(
+      "shard parameters and optimizer state over more devices: --config.mesh.data=1 "
+      "--config.mesh.fsdp=-1 (or keep tensor parallelism within a host)"
+    )
+  per_device = config.global_batch_size // (mesh_shape["data"] * mesh_shape["fsdp"])
+  if per_device > 1:
+    tips.append(
+      f"smaller microbatches: --config.grad_accum_steps={2 * config.grad_accum_steps} (same "
+      f"global batch) or --config.global_batch_size={config.global_batch_size // 2}"
+    )
+  if mesh_shape["tensor"] == 1:
+    tips.append("split activations over heads too: --config.mesh.tensor=4 (within a host)")
+  if int(config.loss_chunk_size) == 0:
+    tips.append("chunk the loss: --config.loss_chunk_size=512")
+  tips.append("a larger topology or more slices (--slices=N)")
+  return tips
+
+
+def plan(
+  config: Any,
+  topology: topo_lib.Topology,
+  num_slices: int | None = None,
+  devices: list[Any] | None = None,
+  compare_loss_chunking: bool = False,
+) -> dict[str, Any]:
+  """Compiles `config` for `topology` ahead of time and returns the plan as a JSON-able dict."""
+  t_start = time.perf_counter()
+  slices = int(num_slices or config.mesh.num_slices)
+  config = resolve_attention(aot.with_overrides(config, mesh__num_slices=slices))
+  devices = devices or topo_lib.devices(topology, slices)
+  hbm = topology.hbm_bytes
+  mesh_shape = dict(create_mesh(config.mesh, devices).shape)
+  main, hlo = aot.compile_step(config, devices, hbm, with_hlo=not aot.needs_probes(config))
+  mcfg = state_lib.model_config(config)
+  tokens = config.global_batch_size * config.seq_len
+  model_flops = flops.model_flops_per_token(mcfg, config.seq_len) * tokens
+  n = len(devices)
+  result: dict[str, Any] = {
+    "topology": topology.name,
+    "chips": n,
+    "slices": slices,
+    "hbm_per_chip_bytes": hbm,
+    "peak_hbm_bytes": main.peak_bytes,
+    "fits": main.fits,
+    "flops_per_step": None,
+    "model_flops_per_step": model_flops,
+    "est_step_time_s": None,
+    "est_mfu": None,
+    "tokens_per_step": tokens,
+    "compile_s": round(main.compile_s, 2),
+    "estimate": None,
+    "mesh": mesh_shape,
+    "global_batch_size": config.global_batch_size,
+    "seq_len": config.seq_len,
+    "per_device_batch": config.global_batch_size / (mesh_shape["data"] * mesh_shape["fsdp"]),
+    "grad_accum_steps": int(config.grad_accum_steps),
+    "remat": config.model.remat,
+    "scan_layers": bool(config.model.scan_layers),
+    "attention": config.model.attention,
+    "loss_chunk_size": int(config.loss_chunk_size),
+  }
+  notes = [main.note] if main.note else []
+  if slices > 1:
+    notes.append("collectives are costed at ICI speed; traffic across slices (DCN) is slower")
+  if compare_loss_chunking:
+    result["loss_chunking"] = _compare_chunking(config, devices, hbm, main.peak_bytes)
+  if not main.fits:
+    result["advice"] = advice(config, mesh_shape)
+    result.update(notes=notes, total_s=round(time.perf_counter() - t_start, 2))
+    return result
+  cost, probe_s = main.cost, 0.0
+  if aot.needs_probes(config):
+    try:
+      cost, probe_s = aot.step_cost(config, devices, hbm)
+      notes.append("costs from unscanned 1- and 2-layer probes, extrapolated to the full step")
+    except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+      cost = None
+      notes.append(f"no compiler cost ({str(e).splitlines()[0]}); roofline on model FLOPs")
+  else:
+    cost["ici_bytes"] = aot.collective_bytes(hlo, n)
+  result.update(_estimate(cost, model_flops / n, topology, notes))
+  if result["flops_per_step"] is not None:
+    result["flops_per_step"] *= n
+  result["est_mfu"] = model_flops / (result["est_step_time_s"] * n * topology.peak_flops)
+  result.update(
+    probe_compile_s=round(probe_s, 2),
+    notes=notes,
+    total_s=round(time.perf_counter() - t_start, 2),
+  )
+  return result
+
+
+def _estimate(
+  cost: dict[str, float] | None, model_flops: float, topology: topo_lib.Topology, notes: list[str]
+) -> dict[str, Any]:
+  """Step time per device: the compiler's, where it is credible, else the roofline."""
+  # Full remat does more work than the model's 6N; fewer FLOPs than that means a miscount.
+  flops_ok = cost is not None and cost["flops"] >= 0.95 * model_flops
+  if cost is not None and not flops_ok:
+    notes.append(f"compiler FLOPs {cost['flops']:.3g} < model FLOPs {model_flops:.3g}: not used")
+  compute_s = (cost["flops"] if flops_ok else model_flops) / topology.peak_flops
+  roofline = {"compute_s": compute_s, "hbm_s": None, "ici_s": None}
+  if cost is not None:
+    roofline["hbm_s"] = cost["bytes"] / topology.hbm_bandwidth
+    roofline["ici_s"] = cost["ici_bytes"] / (topology.ici_bandwidth / 2)
+  roofline_s = max(v for v in roofline.values() if v is not None)
+  compiler_s = cost["seconds"] if cost is not None else None
+  usable = compiler_s is not None and compiler_s > 0 and compiler_s >= 0.99 * compute_s
+  if compiler_s is not None and not usable:
+    notes.append(f"compiler step time {compiler_s:.4g} s is not credible (negative or < peak)")
+  return {
+    "flops_per_step": cost["flops"] if cost is not None else None,
+    "est_step_time_s": compiler_s if usable else roofline_s,
+    "estimate": "compiler" if usable else "roofline",
+    "compiler_step_time_s": compiler_s,
+    "roofline_s": roofline,
+  }
+
+
+def _compare_chunking(config: Any, devices: list[Any], hbm: int, peak: int) -> dict[str, Any]:
+  """Peak HBM with the loss unchunked (full [B, T, V] fp32 logits), against the plan's."""
+  chunk = int(config.loss_chunk_size)
+  if chunk <= 0:
+    return {"note": "loss_chunk_size is 0 here; plan with --config.loss_chunk_size=512 to compare"}
+  full, _ = aot.compile_step(aot.with_overrides(config, loss_chunk_size=0), devices, hbm)
+  return {
+    "chunk_size": chunk,
+    "peak_hbm_bytes_unchunked": full.peak_bytes,
+    "unchunked_fits": full.fits,
+    "saved_bytes": full.peak_bytes - peak,
+  }
+
+
+def search(
+  config: Any,
+  topology: topo_lib.Topology,
+  num_slices: int | None = None,
+  meshes: tuple[tuple[int, int, int], ...] = ((1, -1, 1), (1, -1, 2), (1, -1, 4)),
+  remats: tuple[str, ...] = ("full", "dots_no_batch", "dots"),
+  per_device_batches: tuple[int, ...] = (1, 2, 4, 8),
+) -> list[dict[str, Any]]:
+  """Plans over mesh splits, remat policies and per-device batches; every candidate, best first.
+
+  Batches grow until one does not fit (a larger one would not either). Fitting plans come first,
+  by estimated MFU; then the rest, each with a `fits: false` or an `error`.
+  """
+  slices = int(num_slices or config.mesh.num_slices)
+  devices = topo_lib.devices(topology, slices)
+  results = []
+  for data, fsdp, tensor in meshes:
+    for remat in remats:
+      for per_device in sorted(per_device_batches):
+        candidate = aot.with_overrides(
+          config, mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor, model__remat=remat
+        )
+        try:
+          mesh = create_mesh(aot.with_overrides(candidate, mesh__num_slices=slices).mesh, devices)
+          shards = mesh.shape["data"] * mesh.shape["fsdp"]
+          candidate = aot.with_overrides(
+            candidate, global_batch_size=per_device * shards, grad_accum_steps=1
+          )
+          result = plan(candidate, topology, slices, devices)
+        except Exception as e:  # One candidate that cannot compile must not end the search.
+          message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+          results.append(
+            {
+              "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
+              "remat": remat,
+              "per_device_batch": per_device,
+              "fits": False,
+              "error": message[:300],
+            }
+          )
+          break
+        results.append(result)
+        if not result["fits"]:
+          break
+  fitting = sorted((r for r in results if r["fits"]), key=lambda r: -r["est_mfu"])
+  return fitting + [r for r in results if not r["fits"]]
+
+
+def _gib(x: float | None) -> str:
+  return "-" if x is None else f"{x / _GIB:.2f} GiB"
+
+
+def format_plan(r: dict[str, Any]) -> str:
+  """A readable table of one plan."""
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  rows = [
+    ("topology", f"{r['topology']}: {r['chips']} chips, {r['slices']} slice(s)"),
+    ("mesh", mesh),
+    (
+      "batch",
+      f"{r['global_batch_size']} x {r['seq_len']} tokens ({r['per_device_batch']:g} rows per "
+      f"device, {r['grad_accum_steps']} microbatch(es))",
+    ),
+    ("remat / attention", f"{r['remat']} / {r['attention']} (scan_layers={r['scan_layers']})"),
+    (
+      "HBM per device",
+      f"{_gib(r['peak_hbm_bytes'])} of {_gib(r['hbm_per_chip_bytes'])}: "
+      + ("fits" if r["fits"] else "DOES NOT FIT"),
+    ),
+  ]
+  if r.get("loss_chunking", {}).get("chunk_size"):
+    c = r["loss_chunking"]
+    rows.append(
+      (
+        "chunked loss",
+        f"chunk {c['chunk_size']} saves {_gib(c['saved_bytes'])} (unchunked peak "
+        f"{_gib(c['peak_hbm_bytes_unchunked'])})",
+      )
+    )
+  if r["est_step_time_s"] is not None:
+    roof = r["roofline_s"]
+    terms = ", ".join(f"{k[:-2]} {v:.4f} s" for k, v in roof.items() if v is not None)
+    hw = f"{r['flops_per_step']:.3e}" if r["flops_per_step"] else "-"
+    rows += [
+      ("FLOPs per step", f"compiler {hw}, model {r['model_flops_per_step']:.3e}"),
+      ("step time (est.)", f"{r['est_step_time_s']:.4f} s from the {r['estimate']}"),
+      ("roofline", terms),
+      ("MFU (est.)", f"{100 * r['est_mfu']:.1f}%"),
+    ]
+  rows += [
+    ("tokens per step", f"{r['tokens_per_step']:,}"),
+    ("compile", f"{r['compile_s']:.1f} s (+ {r.get('probe_compile_s', 0):.1f} s cost probes)"),
+  ]
+  rows += [("advice", tip) for tip in r.get("advice", [])]
+  rows += [("note", note) for note in r.get("notes", [])]
+  return "\n".join(f"{k:<18} {v}" for k, v in rows)
+
+
+def format_search(results: list[dict[str, Any]]) -> str:
+  """One line per candidate, best first."""
+  lines = [f"{'mesh d/f/t':<12} {'remat':<14} {'rows':>5} {'HBM GiB':>8} {'step s':>8} {'MFU':>6}"]
+  for r in results:
+    m = r["mesh"]
+    shape = f"{m['data']}/{m['fsdp']}/{m['tensor']}"
+    head = f"{shape:<12} {r['remat']:<14} {r['per_device_batch']:>5g}"
+    if "error" in r:
+      lines.append(f"{head} error: {r['error'][:80]}")
+    elif not r["fits"]:
+      lines.append(f"{head} {r['peak_hbm_bytes'] / _GIB:>8.2f} does not fit")
+    else:
+      lines.append(
+        f"{head} {r['peak_hbm_bytes'] / _GIB:>8.2f} {r['est_step_time_s']:>8.4f} "
+        f"{100 * r['est_mfu']:>5.1f}%"
+      )
+  return "\n".join(lines)
+
+
+def _parse_meshes(specs: list[str]) -> tuple[tuple[int, int, int], ...]:
+  try:
+    meshes = tuple(tuple(int(x) for x in s.split("x")) for s in specs)
+  except ValueError:
+    meshes = ()
+  if not meshes or any(len(m) != 3 for m in meshes):
+    raise ValueError(
+      f"--search_meshes={','.join(specs)} must be DATAxFSDPxTENSOR items, e.g. 1x-1x2."
+    )
+  return meshes
+
+
+def run(
+  config: Any,
+  topology_name: str,
+  slices: int | None = None,
+  compare_loss_chunking: bool = False,
+  search_space: dict[str, Any] | None = None,
+) -> int:
+  """The whole command: prints the table and, last, the JSON line; returns the exit code."""
+  topology = topo_lib.parse(topology_name)
+  if search_space is not None:
+    results = search(config, topology, slices, **search_space)
+    print(format_search(results))
+    fitting = [r for r in results if r["fits"]]
+    print(json.dumps({"topology": topology.name, "fitting": len(fitting), "plans": results}))
+    return 0 if fitting else NOT_FITTING_EXIT_CODE
+  result = plan(config, topology, slices, compare_loss_chunking=compare_loss_chunking)
+  print(format_plan(result))
+  print(json.dumps(result))
+  return 0 if result["fits"] else NOT_FITTING_EXIT_CODE
+
+
+def main() -> None:
+  """Flags -> `run`; errors a user can cause end in one line."""
+  from absl import app, flags  # noqa: PLC0415 - flags exist only when this runs as a program.
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  config = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+  topology = flags.DEFINE_string("topology", None, "Cloud TPU type, e.g. v5p-256, v6e-256, v5e-8.")
+  slices = flags.DEFINE_integer(
+    "slices", None, "Slices joined over DCN (default: mesh.num_slices)."
+  )
+  compare = flags.DEFINE_bool(
+    "compare_loss_chunking", False, "Also compile with loss_chunk_size=0 and report HBM saved."
+  )
+  do_search = flags.DEFINE_bool("search", False, "Try mesh splits, remat policies and batches.")
+  meshes = flags.DEFINE_list("search_meshes", ["1x-1x1", "1x-1x2", "1x-1x4"], "DATAxFSDPxTENSOR.")
+  remats = flags.DEFINE_list("search_remats", ["full", "dots_no_batch", "dots"], "Remat policies.")
+  batches = flags.DEFINE_list("search_batches", ["1", "2", "4", "8"], "Rows per device.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+      message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+      sys.exit(f"error: {message} (config keys are in configs/base.py)")
+
+  def program(argv: list[str]) -> None:
+    del argv
+    from trainer.mesh import MeshError  # noqa: PLC0415
+
+    try:
+      space = None
+      if do_search.value:
+        space = dict(
+          meshes=_parse_meshes(meshes.value),
+          remats=tuple(remats.value),
+          per_device_batches=tuple(int(b) for b in batches.value),
+        )
+      code = run(config.value, topology.value, slices.value, compare.value, space)
+    except (ValueError, MeshError, topo_lib.TopologyError) as e:
+      if os.environ.get("LLAMA_TRACEBACK"):
+        raise
+      sys.exit(f"error: {' '.join(str(e).split())}")
+    sys.stdout.flush()
+    sys.exit(code)
+
+  app.run(program, flags_parser=parse)
+
+
+if __name__ == "__main__":
+  main()

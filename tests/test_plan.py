@@ -1,0 +1,153 @@
+"""launch.plan: AOT plans for a small TPU topology (v5e-8) with a tiny model, on this CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from launch import aot
+from launch import plan as plan_lib
+from launch import topology as topo_lib
+
+pytest.importorskip("libtpu", reason="AOT planning for TPU needs libtpu (pip install 'jax[tpu]')")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = (
+  "topology chips hbm_per_chip_bytes peak_hbm_bytes fits flops_per_step model_flops_per_step "
+  "est_step_time_s est_mfu tokens_per_step compile_s estimate"
+).split()
+# Model overrides that keep each TPU compile to seconds. The output head outweighs the layers, so
+# XLA's count of the chunked loss (its loop body once, a quarter of the head) is below the model
+# FLOPs: a plan that did not correct for loops would fail the FLOPs check below.
+TINY = (
+  "global_batch_size=8 seq_len=128 loss_chunk_size=32 model.num_layers=2 model.embed_dim=64 "
+  "model.mlp_dim=128 model.num_heads=4 model.num_kv_heads=2 model.head_dim=16 "
+  "model.vocab_size=2048 model.dtype=bfloat16 model.remat=full model.scan_layers=True"
+).split()
+
+
+def _config(overrides=TINY):
+  config = tiny.get_config()
+  for item in overrides:
+    key, value = item.split("=")
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+  return config
+
+
+def _cli(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", "launch.plan", "--config=configs/tiny.py", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def test_topology_names_count_as_the_cloud_does():
+  expected = {"v5p-256": 128, "v4-128": 64, "v5e-16": 16, "v6e-256": 256, "v5e-8": 8}
+  assert {name: topo_lib.parse(name).chips for name in expected} == expected
+  assert topo_lib.parse("v5p-256").topology_name == "v5p:4x4x8"
+  assert topo_lib.parse("v6e-256").topology_name == "v6e:16x16"
+  with pytest.raises(topo_lib.TopologyError, match="v5p-256.*v6e-256"):
+    topo_lib.parse("v5p-7")
+
+
+def test_collective_bytes_counts_each_channel_once_with_ring_traffic():
+  hlo = "\n".join(
+    [
+      # An all-gather of 4 x 1 KiB over groups of 4, appearing in two fusions: counted once.
+      "  %ag.1 = bf16[4,512]{1,0} all-gather(%p), channel_id=7, replica_groups=[2,4]<=[8]",
+      "  %ag.2 = bf16[4,512]{1,0} all-gather(%q), channel_id=7, replica_groups=[2,4]<=[8]",
+      # An all-reduce of 2 KiB over pairs: 2 x (n-1)/n x size.
+      "  %ar = f32[512]{0} all-reduce(%r), channel_id=9, replica_groups={{0,1},{2,3}}",
+      "  %add = f32[512]{0} add(%a, %b)",
+    ]
+  )
+  assert aot.collective_bytes(hlo, 8) == pytest.approx(4096 * 3 / 4 + 2 * 2048 / 2)
+
+
+def test_parse_oom_reads_libtpu_messages():
+  msg = "RESOURCE_EXHAUSTED: ... HLO temporaries (35.93G) exceeds available HBM (15.75G)."
+  assert aot.parse_oom(msg, 1 << 30) == int(35.93 * (1 << 30)) + (1 << 30)
+  assert aot.parse_oom("Used 40.5G of 15.48G hbm. Exceeded", 0) == int(40.5 * (1 << 30))
+  assert aot.parse_oom("INTERNAL: something else", 0) is None
+
+
+def test_step_cost_extrapolates_probes_over_depth_and_microbatches(monkeypatch):
+  def fake_compile(config, devices, hbm_bytes, with_hlo=False):
+    # Per-device cost of a loop-free step: a fixed part plus 3 per layer per row.
+    layers, rows = config.model.num_layers, config.global_batch_size
+    assert not config.model.scan_layers and config.loss_chunk_size == 0
+    cost = {"flops": 10.0 + 3.0 * layers * rows, "bytes": 1.0 * layers, "seconds": 0.5}
+    return aot.Compiled(True, 1, 0.1, cost), ""
+
+  monkeypatch.setattr(aot, "compile_step", fake_compile)
+  config = _config([*TINY, "model.num_layers=32", "grad_accum_steps=4", "global_batch_size=16"])
+  cost, _ = aot.step_cost(config, [None] * 8, 1 << 30)
+  assert cost["flops"] == 4 * (10.0 + 3.0 * 32 * 4)
+  assert cost["bytes"] == 4 * 32 and cost["seconds"] == 4 * 0.5 and cost["ici_bytes"] == 0
+
+
+def test_tiny_plan_fits_with_loop_corrected_costs():
+  result = plan_lib.plan(_config([*TINY, "model.num_layers=1"]), topo_lib.parse("v5e-8"))
+  assert all(key in result for key in KEYS)
+  json.dumps(result)
+  assert result["fits"] and result["chips"] == 8
+  assert 0 < result["peak_hbm_bytes"] < result["hbm_per_chip_bytes"] == 16 << 30
+  assert result["tokens_per_step"] == 8 * 128
+  # Full remat recomputes the forward pass: hardware FLOPs exceed the model's, but not wildly.
+  assert 1.0 <= result["flops_per_step"] / result["model_flops_per_step"] < 3.0
+  assert result["estimate"] in ("compiler", "roofline")
+  assert result["est_step_time_s"] >= result["roofline_s"]["compute_s"] > 0
+  assert 0 < result["est_mfu"] <= 1
+  assert result["compile_s"] > 0
+
+
+def test_oversized_batch_does_not_fit_and_exits_3():
+  proc = _cli(
+    "--topology=v5e-8",
+    *[f"--config.{kv}" for kv in TINY[1:]],
+    "--config.global_batch_size=131072",
+    "--config.loss_chunk_size=0",
+  )
+  assert proc.returncode == plan_lib.NOT_FITTING_EXIT_CODE, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  assert result["fits"] is False and result["est_step_time_s"] is None
+  assert result["peak_hbm_bytes"] > result["hbm_per_chip_bytes"]
+  assert any("grad_accum_steps" in tip for tip in result["advice"])
+  assert "DOES NOT FIT" in proc.stdout
+
+
+def test_bad_topology_is_one_clear_line():
+  proc = _cli("--topology=v9x-8", timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown TPU topology 'v9x-8'")
+  assert "v5p-256" in proc.stderr and proc.stdout == ""
+
+
+def test_search_lists_fitting_plans_by_mfu():
+  config = _config([*TINY, "model.num_layers=1"])
+  results = plan_lib.search(
+    config,
+    topo_lib.parse("v5e-8"),
+    meshes=((-1, 1, 1),),
+    remats=("full", "none"),
+    per_device_batches=(1,),
+  )
+  fitting = [r for r in results if r["fits"]]
+  assert {r["remat"] for r in fitting} == {"full", "none"}
+  assert all(r["global_batch_size"] == 8 for r in fitting)
+  mfus = [r["est_mfu"] for r in fitting]
+  assert mfus == sorted(mfus, reverse=True)
+  assert "none" in plan_lib.format_search(results)
