@@ -171,7 +171,9 @@ class FileSource(Source):
   def __init__(self, paths: Sequence[str], text_field: str = "text", name: str = ""):
     self.paths, self.text_field = list(paths), text_field
     self.name = name or ",".join(self.paths[:3]) + (",..." if len(self.paths) > 3 else "")
-    self.total_bytes = sum(os.path.getsize(p) for p in self.paths)
+    # Compressed sizes say little about text bytes: then the progress bar shows no total.
+    packed = any(p.lower().endswith((".gz", ".parquet")) for p in self.paths)
+    self.total_bytes = None if packed else sum(os.path.getsize(p) for p in self.paths)
 
   def chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
     group, size = [], 0
