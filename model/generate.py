@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
+from model.hf import unstack_layers
 from model.llama import Llama3, output_kernel
 
 
@@ -102,6 +103,53 @@ def decode_step(
   return logits_Bx1xV[:, 0], constrain_cache(config, variables["cache"])
 
 
+def _ordered_keys(x: jax.Array) -> jax.Array:
+  """uint32 keys that order like the float32 values (the radix-sort mapping)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_key(keys_BxV: jax.Array, holds: Any) -> jax.Array:
+  """Per row, the largest key x for which `holds(keys >= x)` (monotone in x), bit by bit.
+
+  32 masked reductions over [B, V] find an exact threshold; a sort of [B, V] is far slower on
+  CPU and the filters need no more than the threshold.
+  """
+
+  def body(i, ans_B):
+    cand_B = ans_B | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    return jnp.where(holds(keys_BxV >= cand_B[:, None]), cand_B, ans_B)
+
+  return jax.lax.fori_loop(0, 32, body, jnp.zeros(keys_BxV.shape[:1], jnp.uint32))
+
+
+def filter_logits(
+  logits_BxV: jax.Array, *, top_k: int | jax.Array, top_p: float | jax.Array
+) -> jax.Array:
+  """Top-k (0: off), then top-p (1: off): tokens outside get -inf; ties with the last kept stay.
+
+  Both may be traced, so one compiled decode loop serves every setting.
+  """
+
+  def keep_top_k(logits_BxV):
+    keys_BxV = _ordered_keys(logits_BxV)
+    kth_B = _largest_key(keys_BxV, lambda m_BxV: jnp.sum(m_BxV, axis=-1) >= top_k)
+    return jnp.where(keys_BxV >= kth_B[:, None], logits_BxV, -jnp.inf)
+
+  def keep_top_p(logits_BxV):
+    # The nucleus: the likeliest tokens whose mass first reaches top_p, i.e. all tokens at or
+    # above the largest logit whose at-or-above mass is still >= top_p.
+    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+    keys_BxV = _ordered_keys(logits_BxV)
+    mass = lambda m_BxV: jnp.sum(jnp.where(m_BxV, probs_BxV, 0.0), axis=-1) >= top_p
+    cutoff_B = _largest_key(keys_BxV, mass)
+    return jnp.where(keys_BxV >= cutoff_B[:, None], logits_BxV, -jnp.inf)
+
+  # Each filter costs 32 passes over [B, V]; skip the ones that are off.
+  logits_BxV = jax.lax.cond(top_k > 0, keep_top_k, lambda x: x, logits_BxV)
+  return jax.lax.cond(top_p < 1.0, keep_top_p, lambda x: x, logits_BxV)
+
+
 def sample_logits(
   logits_BxV: jax.Array,
   rng: jax.Array,
@@ -110,35 +158,28 @@ def sample_logits(
   top_k: int | jax.Array,
   top_p: float | jax.Array,
 ) -> jax.Array:
-  """Next tokens [B] drawn after temperature, then top-k (0: off), then top-p (1: off).
+  """Next tokens [B] drawn after temperature, then the top-k and top-p filters.
 
-  The three knobs may be traced, so one compiled loop serves every setting; greedy decoding is
-  `jnp.argmax`, not temperature 0.
+  Greedy decoding is `jnp.argmax`, not temperature 0.
   """
   logits_BxV = logits_BxV.astype(jnp.float32) / temperature
-
-  def keep_top(logits_BxV):
-    v = logits_BxV.shape[-1]
-    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
-    in_top_k_V = (jnp.arange(v) < top_k) | (top_k <= 0)
-    sorted_BxV = jnp.where(in_top_k_V, sorted_BxV, -jnp.inf)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # The nucleus is the shortest prefix whose mass reaches top_p: a token stays while the mass
-    # before it is still short of top_p, so the most likely token always stays.
-    keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p) & in_top_k_V
-    last_B = jnp.sum(keep_BxV, axis=-1) - 1
-    cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, last_B[:, None], axis=-1)
-    return jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
-
-  # The sort costs a pass over V per step; skip it when neither filter is on.
-  filtered = (top_k > 0) | (top_p < 1.0)
-  logits_BxV = jax.lax.cond(filtered, keep_top, lambda x: x, logits_BxV)
+  logits_BxV = filter_logits(logits_BxV, top_k=top_k, top_p=top_p)
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def _unroll_layers(config: ModelConfig) -> bool:
+  """Whether to decode with unrolled layers: on CPU, where it is 2x faster than scanned ones.
+
+  XLA:CPU copies each layer's weights out of the stacked arrays at every scan step, which doubles
+  a memory-bound decode step; unrolled layers read them in place. The one-off unstacking copy is
+  made before the decode loop.
+  """
+  return config.scan_layers and jax.default_backend() == "cpu"
 
 
 @functools.partial(
   jax.jit,
-  static_argnames=("config", "max_new_tokens", "greedy", "eos_ids", "pad_id"),
+  static_argnames=("config", "max_new_tokens", "greedy", "eos_ids", "pad_id", "unroll"),
 )
 def _generate(
   config: ModelConfig,
@@ -154,8 +195,11 @@ def _generate(
   top_p: jax.Array,
   eos_ids: tuple[int, ...],
   pad_id: int,
+  unroll: bool,
 ) -> jax.Array:
   """The whole generation as one program: prefill, then a while loop of decode steps."""
+  if unroll:
+    config, params = config.replace(scan_layers=False), unstack_layers(params)
   b, t = tokens_BxT.shape
   n = max_new_tokens
   if greedy:
@@ -284,6 +328,7 @@ def generate(
     top_p=jnp.float32(top_p),
     eos_ids=eos_ids,
     pad_id=int(pad_id),
+    unroll=_unroll_layers(config),
   )
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from configs.base import SHARDING_RULES
 from model import Llama3, ModelConfig
-from model.generate import decode_step, generate, init_cache, sample_logits
+from model.generate import decode_step, filter_logits, generate, init_cache, sample_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -174,7 +174,28 @@ def test_sampling_reproducible_and_top_k_1_is_greedy(tiny_params):
   np.testing.assert_array_equal(sample(jax.random.key(7), top_p=1e-6), greedy)
 
 
-def test_filters_keep_exactly_the_allowed_tokens():
+def _filter_reference(logits_BxV: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+  """Top-k then top-p by sorting, as transformers' logits warpers do."""
+  out_BxV = np.full_like(logits_BxV, -np.inf)
+  for row, out in zip(logits_BxV, out_BxV):
+    s = np.sort(row)[::-1].copy()
+    if top_k > 0:
+      s[top_k:] = -np.inf
+    p = np.exp(s - s[0]) / np.exp(s - s[0]).sum()
+    kept = (np.cumsum(p) - p < top_p) & np.isfinite(s)
+    out[:] = np.where(row >= s[kept.sum() - 1], row, -np.inf)
+  return out_BxV
+
+
+@pytest.mark.parametrize("top_k, top_p", [(7, 1.0), (0, 0.9), (50, 0.5), (1, 1.0), (0, 1e-6)])
+def test_filters_equal_sort_based_reference(top_k, top_p):
+  logits_BxV = np.random.default_rng(top_k).normal(0, 3, (32, 500)).astype(np.float32)
+  logits_BxV[0, :3] = -np.inf  # Masked tokens (another filter) stay out.
+  got = jax.jit(filter_logits)(logits_BxV, top_k=top_k, top_p=top_p)
+  np.testing.assert_array_equal(np.asarray(got), _filter_reference(logits_BxV, top_k, top_p))
+
+
+def test_sampling_follows_the_filtered_distribution():
   probs_V = np.array([0.05, 0.4, 0.3, 0.15, 0.1])
   logits_BxV = jnp.broadcast_to(jnp.log(jnp.asarray(probs_V)), (4000, 5))
   sample = jax.jit(sample_logits)
@@ -184,32 +205,27 @@ def test_filters_keep_exactly_the_allowed_tokens():
   # top_p=0.75: tokens 1 and 2 hold 0.7 < 0.75, so token 3 is also needed; 4 and 0 never appear.
   assert set(draw(top_p=0.75).tolist()) == {1, 2, 3}
   assert set(draw(top_k=2).tolist()) == {1, 2}
-  counts = np.bincount(draw(), minlength=5) / 4000
-  np.testing.assert_allclose(counts, probs_V, atol=0.03)
+  np.testing.assert_allclose(np.bincount(draw(), minlength=5) / 4000, probs_V, atol=0.03)
   # Temperature 0.5 squares the probabilities (then renormalizes).
   sharp = np.bincount(draw(temperature=0.5), minlength=5) / 4000
   np.testing.assert_allclose(sharp, probs_V**2 / (probs_V**2).sum(), atol=0.03)
 
 
-def test_generate_on_a_mesh_matches_single_device(tiny_params):
-  from jax.sharding import Mesh, NamedSharding
+def test_generate_on_a_mesh_matches_single_device(tiny_params, monkeypatch):
+  from jax.sharding import Mesh
+
+  import model.generate as gen
 
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-  boxed = jax.eval_shape(lambda: Llama3(TINY).init(jax.random.key(2), jnp.zeros((1, 4), jnp.int32)))
-  specs = nn.get_partition_spec(boxed)["params"]
+  boxed = jax.eval_shape(lambda: Llama3(TINY).init(jax.random.key(2), jnp.zeros((1, 4), int)))
+  kw = dict(max_new_tokens=N, temperature=0.7, rng=jax.random.key(3))
+  plain = generate(TINY, tiny_params, PROMPTS, **kw)  # Unrolled layers on CPU.
+  # On the mesh keep the scanned layers (as on accelerators), so the stacked cache is constrained.
+  monkeypatch.setattr(gen, "_unroll_layers", lambda config: False)
   with jax.set_mesh(mesh), nn.logical_axis_rules(SHARDING_RULES):
-    shardings = jax.tree.map(
-      lambda s: NamedSharding(mesh, nn.logical_to_mesh_axes(s)),
-      specs,
-      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-    )
-    sharded = jax.device_put(tiny_params, shardings)
-    on_mesh = generate(
-      TINY, sharded, PROMPTS, max_new_tokens=N, temperature=0.7, rng=jax.random.key(3)
-    )
-  plain = generate(
-    TINY, tiny_params, PROMPTS, max_new_tokens=N, temperature=0.7, rng=jax.random.key(3)
-  )
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh)["params"]
+    on_mesh = generate(TINY, jax.device_put(tiny_params, shardings), PROMPTS, **kw)
+  assert on_mesh.sharding.mesh.shape == mesh.shape
   np.testing.assert_array_equal(np.asarray(on_mesh), np.asarray(plain))
 
 

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 # Where an HF dir keeps its tokenizer, in the order we look (Meta's releases use original/).
 _HF_TOKENIZER_FILES = (
@@ -91,6 +91,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}; did you quote --prompt?")
+  logging.set_verbosity(logging.ERROR)  # Orbax narrates a read-only restore; print only text.
   f = flags.FLAGS
   try:
     text = generate_text(
