@@ -31,6 +31,9 @@ _POLL_S = 0.05
 _PR_SET_PDEATHSIG = 1
 
 
+PREEMPTION_GRACE_S = 120.0
+
+
 def free_port() -> int:
   """A TCP port on 127.0.0.1 that nothing listens on right now."""
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -190,7 +193,9 @@ def run(
         else:
           printer.write(f"[launch] forwarding {signal.Signals(sig).name} to all processes\n")
           _signal_all(procs, sig)
-          stop_deadline = time.monotonic() + grace_s
+          # A forwarded SIGTERM is a preemption notice: the trainers save first, so they get the
+          # time a cloud VM would give them, not just the crash grace.
+          stop_deadline = time.monotonic() + max(grace_s, PREEMPTION_GRACE_S)
       codes = [p.poll() for p in procs]
       failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
@@ -203,7 +208,7 @@ def run(
       if all(c is not None for c in codes):
         break
       if stop_deadline is not None and time.monotonic() > stop_deadline:
-        printer.write(f"[launch] processes still running {grace_s:g}s after the signal: SIGKILL\n")
+        printer.write("[launch] processes still running long after the signal: SIGKILL\n")
         _signal_all(procs, signal.SIGKILL)
         stop_deadline = None
       time.sleep(_POLL_S)

@@ -223,7 +223,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   finally:
     watchdog.stop()
     ckpt.close()
-    writer.flush()
+    writer.close()
   return last
 
 
