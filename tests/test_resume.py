@@ -220,3 +220,24 @@ def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path):
   assert first["learning_rate"] == 0.0
   assert first["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
   assert sorted(losses(tmp_path / "b")) == [1]
+
+
+def test_watchdog_dumps_stacks_and_exits_nonzero():
+  code = (
+    "import time\n"
+    "from trainer.watchdog import Watchdog\n"
+    "w = Watchdog(1.0)\n"
+    "w.beat(7)\n"
+    "time.sleep(60)\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=Path(__file__).parent.parent,
+  )
+  assert result.returncode == 70
+  assert "after step 7" in result.stderr
+  assert "Thread" in result.stderr and "time.sleep(60)" not in result.stdout
+  assert 'File "<string>", line 5' in result.stderr  # The main thread's stack, where it hangs.

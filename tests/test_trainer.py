@@ -144,3 +144,12 @@ def test_mesh_mismatch_on_the_command_line_is_one_clear_line(tmp_path):
   assert "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and "3 devices" in last, result.stderr[-2000:]
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
+  from trainer.loop import TrainingError
+
+  # An infinite learning rate turns every parameter into NaN after the first update.
+  config = tiny_config(**{"optimizer.learning_rate": float("inf"), "optimizer.grad_clip": 0.0})
+  with pytest.raises(TrainingError, match="at step 2"):
+    train_and_evaluate(config, str(tmp_path))
