@@ -124,8 +124,12 @@ def prepare(
   """Prepares `input` into `output` (see the module docstring); returns the metadata written."""
   if seq_len < 1:
     raise ValueError(f"--seq_len={seq_len} must be positive.")
-  if os.path.exists(os.path.join(output, "metadata.json")) and not overwrite:
+  prepared_before = os.path.exists(os.path.join(output, "metadata.json"))
+  if prepared_before and not overwrite:
     raise FileExistsError(f"{output} is already prepared; pass --overwrite to replace it.")
+  if not prepared_before and os.path.isdir(output) and os.listdir(output):
+    # Never delete a directory we did not write.
+    raise FileExistsError(f"{output} exists and is not a prepared dataset; pick another --output.")
   source = source or open_source(input, text_field, data_dir)
   start = time.perf_counter()
   tmp = f"{output.rstrip('/')}.tmp-{os.getpid()}"

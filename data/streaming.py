@@ -225,6 +225,10 @@ class StreamingPipeline:
       )
     for examples in self._it:
       yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)
+    raise ValueError(
+      f"data.path={self.path!r} gave no documents for host shard {self.shard} of "
+      f"{self.num_shards}; check the path and data.text_field."
+    )
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """`eval_steps` batches from the start of the held-out data (the same every call)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -75,7 +76,7 @@ class Tokenizer:
     drop = {self.bos_id, self.eos_id, self.pad_id}
     return self._decode([int(i) for i in ids if int(i) not in drop])
 
-  @property
+  @functools.cached_property
   def fingerprint(self) -> str:
     """A hash of the vocabulary, so data tokenized differently never counts as the same."""
     h = hashlib.sha256(self.kind.encode())

@@ -156,3 +156,13 @@ def test_hf_source_specs(tmp_path, monkeypatch):
   assert calls[-1] == ("corpus", None, "test")
   docs = _documents(str(tmp_path / "b"), "train")
   assert [load_tokenizer(str(tmp_path / "b")).decode(d) for d in docs][0] == "corpus None test 0"
+
+
+def test_never_deletes_a_foreign_output_dir(tmp_path):
+  (tmp_path / "ok.txt").write_text("hello")
+  precious = tmp_path / "home"
+  precious.mkdir()
+  (precious / "notes.txt").write_text("keep me")
+  with pytest.raises(FileExistsError, match="not a prepared dataset"):
+    prepare(str(tmp_path / "ok.txt"), str(precious), seq_len=8, num_workers=0, overwrite=True)
+  assert (precious / "notes.txt").read_text() == "keep me"
