@@ -98,6 +98,7 @@ class _ShardWriter:
       self.num_rows += 1
 
   def close(self) -> None:
+    """Finishes the current shard."""
     if self._writer is not None:
       self._writer.close()
     self._writer, self._in_shard = None, 0

@@ -176,6 +176,7 @@ class FileSource(Source):
     self.total_bytes = None if packed else sum(os.path.getsize(p) for p in self.paths)
 
   def chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
+    """Groups of text files, blocks of JSONL lines, Parquet record batches; in path order."""
     group, size = [], 0
     for path in self.paths:
       kind = file_kind(path)
@@ -260,6 +261,7 @@ class RandomAccessSource(Source):
       raise ValueError(f"--input={name!r} is empty; pick another split or dataset.")
 
   def chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
+    """Consecutive ranges of examples, their texts read here (the sources are not picklable)."""
     step = max(1, chunk_bytes // 2048)  # Examples per chunk; web documents are ~2 KB.
     for start in range(0, len(self.data), step):
       rows = [self.data[i] for i in range(start, min(start + step, len(self.data)))]

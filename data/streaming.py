@@ -104,9 +104,11 @@ class _FileDocumentsIterator(grain.DatasetIterator):
         return text
 
   def get_state(self) -> dict[str, Any]:
+    """The position: a small JSON-able dict."""
     return dict(self._state)
 
   def set_state(self, state: dict[str, Any]) -> None:
+    """Continue from a `get_state()` position (re-reads the open file up to it)."""
     self._state = {k: int(state[k]) for k in ("epoch", "file", "doc")}
     self._docs = None
 

@@ -50,6 +50,7 @@ class SyntheticPipeline:
     self.vocab_size, self.sharding, self.eval_steps = vocab_size, sharding, eval_steps
 
   def batch(self, step: int, *, seed: int | None = None) -> dict[str, jax.Array]:
+    """The global batch of `step`."""
     seed = self.seed if seed is None else seed
     return make_batch(
       self.sharding,
@@ -66,12 +67,14 @@ class SyntheticPipeline:
     """Nothing to restore (see `state`)."""
 
   def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
+    """Batches of steps start_step, start_step + 1, ..."""
     step = start_step
     while True:
       yield self.batch(step)
       step += 1
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
+    """`eval_steps` fixed batches."""
     # A different seed stream, so eval rows never coincide with training rows.
     for i in range(self.eval_steps):
       yield self.batch(i, seed=self.seed + 1_000_003)
