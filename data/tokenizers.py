@@ -220,12 +220,12 @@ def _tiktoken_twin(spec: dict[str, Any], hf: Any) -> Any:
   except KeyError:
     return None
   # tiktoken merges by the rank of the merged token, tokenizers by merge order: they agree
-  # when ids grow with merge order.
+  # when ids never decrease along the merges.
   vocab, last = model["vocab"], -1
   for merge in model.get("merges", []):
     a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
     rank = vocab.get(a + b, -1)
-    if rank <= last:
+    if rank < max(last, 0):  # Equal ranks: several pairs that make the same token (Llama 3's).
       return None
     last = rank
   try:
