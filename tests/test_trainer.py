@@ -153,3 +153,19 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
   config = tiny_config(**{"optimizer.learning_rate": float("inf"), "optimizer.grad_clip": 0.0})
   with pytest.raises(TrainingError, match="at step 2"):
     train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_metrics_jsonl_survives_a_torn_line_and_object_stores(tmp_path, remote):
+  from trainer.metrics import JsonlWriter, read_jsonl
+
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-write
+  writer = JsonlWriter(str(path), remote_flush_s=3600.0, remote=remote)
+  writer.write_scalars(3, {"loss": np.float32(1.5)})
+  writer.write_scalars(4, {"loss": 1.25})
+  writer.close()
+  lines = path.read_text().splitlines()
+  assert lines[0] == '{"step": 1, "loss": 2.0}' and lines[1] == '{"step": 2, "lo'
+  assert [json.loads(x) for x in lines[2:]] == [{"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.25}]
+  assert [r["step"] for r in read_jsonl(str(path))] == [1, 3, 4]

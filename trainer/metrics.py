@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,22 +23,35 @@ def _plain(value: Any) -> Any:
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per `write_scalars` call to a file (also on resume)."""
+  """Appends one JSON object per `write_scalars` call to a file (also on resume).
 
-  def __init__(self, path: str):
+  Object stores (`gs://`) cannot append, so there the file is rewritten whole at most every
+  `remote_flush_s` seconds and on close.
+  """
+
+  def __init__(self, path: str, remote_flush_s: float = 30.0, remote: bool | None = None):
     self._path = epath.Path(path)
     self._path.parent.mkdir(parents=True, exist_ok=True)
     text = self._path.read_text() if self._path.exists() else ""
-    self._file = self._path.open("a")
-    if text and not text.endswith("\n"):
-      # A process killed mid-line left half a record; the next one starts on its own line.
-      self._file.write("\n")
+    # A process killed mid-line left half a record; the next one starts on its own line.
+    torn = "\n" if text and not text.endswith("\n") else ""
+    self._remote = "://" in str(path) if remote is None else remote
+    self._remote_flush_s, self._last_flush = remote_flush_s, time.monotonic()
+    if self._remote:
+      self._lines, self._file = [text + torn], None
+    else:
+      self._file = self._path.open("a")
+      self._file.write(torn)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    self._file.write(
-      json.dumps({"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}) + "\n"
-    )
-    self._file.flush()
+    line = json.dumps({"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      if time.monotonic() - self._last_flush > self._remote_flush_s:
+        self.flush()
+    else:
+      self._file.write(line)
+      self._file.flush()
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -61,10 +75,16 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    if self._remote:
+      self._path.write_text("".join(self._lines))
+      self._last_flush = time.monotonic()
+    else:
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    self.flush()
+    if self._file is not None:
+      self._file.close()
 
 
 def create_writers(workdir: str) -> tuple[metric_writers.MetricWriter, metric_writers.MetricWriter]:
@@ -82,6 +102,12 @@ def create_writers(workdir: str) -> tuple[metric_writers.MetricWriter, metric_wr
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics.jsonl file."""
+  """All whole records of a metrics.jsonl file (a line torn by a killed process is skipped)."""
+  records = []
   with epath.Path(path).open() as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
