@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 
 from configs import base
+from trainer.metrics import read_jsonl
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+  """Per-step train losses of a run; a step logged twice (before a kill, then after) keeps the
+  last."""
+  return {
+    r["step"]: r["loss"] for r in read_jsonl(str(Path(workdir) / "metrics.jsonl")) if "loss" in r
+  }
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:

@@ -1,6 +1,5 @@
 """Two processes x 4 devices train exactly like one process x 8, and share one checkpoint."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.common import tiny_config
+from tests.common import tiny_config, train_losses
 from trainer import distributed
 from trainer.loop import train_and_evaluate
 
@@ -26,13 +25,7 @@ FLAGS = [
 ]
 
 
-def losses(workdir: Path) -> dict[int, float]:
-  out = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if "loss" in record:
-      out[record["step"]] = record["loss"]
-  return out
+losses = train_losses
 
 
 def launch_two_hosts(workdir: Path, steps: int) -> str:

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data import create_pipeline
 from data.prepare import prepare
 from model import Llama3
-from tests.common import tiny_config
+from tests.common import tiny_config, train_losses
 from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.checkpoint import CheckpointMismatchError, restore_params
@@ -60,17 +60,7 @@ def config(**overrides):
   return tiny_config(**{**base, **overrides})
 
 
-def losses(workdir: Path) -> dict[int, float]:
-  """Per-step train losses; a step logged twice (before a kill, then after) keeps the last."""
-  out = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:  # The line a kill -9 tore in half.
-      continue
-    if "loss" in record:
-      out[record["step"]] = record["loss"]
-  return out
+losses = train_losses
 
 
 @pytest.fixture(scope="module")
