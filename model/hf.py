@@ -12,14 +12,12 @@ Dimension key: L layers, D embed_dim, N heads, K kv heads, H head_dim, F mlp_dim
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -35,7 +33,6 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MODEL_CONFIG_FILE = "model_config.json"
 
 # (our path inside a layer, HF name inside `model.layers.{i}.`, leading dims on the input side).
 # Ours -> HF is x.reshape(prod(in dims), -1).T; None marks a vector copied as is.
@@ -353,82 +350,7 @@ def save_hf(
     json.dump(hf_config, f, indent=2)
 
 
-def save_params_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str) -> None:
-  """Writes an Orbax checkpoint of {'params': params} at `out_dir`, plus model_config.json."""
-  import orbax.checkpoint as ocp
-
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise ValueError(f"{out_dir} already exists and is not empty; pick a new output directory.")
-  params = meta.unbox(params)
-  config = config.replace(scan_layers=is_scanned(params))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out_dir, {"params": params}, force=True)
-    ckptr.wait_until_finished()
-  with open(os.path.join(out_dir, MODEL_CONFIG_FILE), "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
-
-
-def load_params_dir(params_dir: str) -> tuple[ModelConfig, dict[str, Any]]:
-  """Reads what `save_params_dir` wrote: (ModelConfig, params as host numpy arrays)."""
-  import orbax.checkpoint as ocp
-
-  params_dir = os.path.abspath(params_dir)
-  cfg_path = os.path.join(params_dir, MODEL_CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
-    raise ValueError(
-      f"{params_dir} has no {MODEL_CONFIG_FILE}; give a directory written by "
-      "`python -m model.hf import` or save_params_dir."
-    )
-  with open(cfg_path) as f:
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in json.load(f).items() if k in fields})
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.metadata(params_dir).item_metadata.tree
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
-    params = ckptr.restore(params_dir, target)["params"]
-  return config, params
-
-
-def _import(args: argparse.Namespace) -> None:
-  config, params = load_hf(args.hf_dir, scan_layers=args.scan_layers, dtype=args.dtype)
-  log.info("Read %s: %s parameters", args.hf_dir, f"{config.num_params():,}")
-  save_params_dir(config, params, args.output)
-  log.info("Wrote params to %s", args.output)
-
-
-def _export(args: argparse.Namespace) -> None:
-  if os.path.isfile(os.path.join(args.checkpoint, MODEL_CONFIG_FILE)):
-    config, params = load_params_dir(args.checkpoint)
-  elif os.path.isdir(args.checkpoint):
-    from trainer.checkpoint import restore_params  # A training workdir; trainer loads lazily.
-
-    config, params = restore_params(args.checkpoint)
-  else:
-    raise ValueError(f"{args.checkpoint} does not exist; give a params dir or a training workdir.")
-  log.info("Read %s: %s parameters", args.checkpoint, f"{config.num_params():,}")
-  save_hf(config, params, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
-  log.info("Wrote Hugging Face checkpoint to %s", args.output)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """`import` an HF Llama dir into an Orbax params dir, or `export` one back to HF."""
-  parser = argparse.ArgumentParser(prog="python -m model.hf", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  imp = sub.add_parser("import", help="HF safetensors dir -> Orbax params dir")
-  imp.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
-  imp.add_argument("--output", required=True, help="new params dir to write")
-  imp.add_argument("--dtype", default="float32", help="dtype of the stored params")
-  imp.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True)
-  exp = sub.add_parser("export", help="params dir or training workdir -> HF safetensors dir")
-  exp.add_argument("--checkpoint", required=True, help="params dir or training workdir")
-  exp.add_argument("--output", required=True, help="HF directory to write")
-  exp.add_argument("--dtype", default=None, help="dtype of the written weights (default: as is)")
-  exp.add_argument("--max_shard_bytes", type=int, default=5 * 10**9, help="bytes per shard")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  {"import": _import, "export": _export}[args.command](args)
-
-
 if __name__ == "__main__":
+  from model.convert import main  # The CLI lives beside this module; it reuses it.
+
   main()

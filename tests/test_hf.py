@@ -14,15 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from model import Llama3  # noqa: E402
-from model.hf import (  # noqa: E402
-  config_from_hf,
-  load_hf,
-  load_params_dir,
-  main,
-  save_hf,
-  save_params_dir,
-  stack_layers,
-)
+from model.convert import load_params_dir, main, save_params_dir  # noqa: E402
+from model.hf import config_from_hf, load_hf, save_hf, stack_layers  # noqa: E402
 
 TOL = 1e-4
 T = 24

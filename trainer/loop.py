@@ -16,6 +16,7 @@ from etils import epath
 
 from data import create_pipeline
 from model import Llama3
+from model.attention import resolve_implementation
 from trainer import flops, optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
@@ -79,6 +80,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       f"{mcfg.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}."
     )
   model = Llama3(mcfg)
+  logging.info(
+    "Attention implementation: %s (model.attention=%r).",
+    resolve_implementation(mcfg.attention),
+    mcfg.attention,
+  )
   schedule = optimizer.learning_rate_schedule(config)
   tx = optimizer.make_optimizer(config)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
@@ -266,7 +272,7 @@ def _init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any
 
     loaded_cfg, params = load_hf(path, scan_layers=mcfg.scan_layers)
   elif (p / "model_config.json").exists():
-    from model.hf import load_params_dir  # noqa: PLC0415
+    from model.convert import load_params_dir  # noqa: PLC0415
 
     loaded_cfg, params = load_params_dir(path)
   else:
