@@ -145,6 +145,9 @@ def compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool
     config, model, tx, optimizer.learning_rate_schedule(config), mesh, rules, shardings
   )
   t0 = time.perf_counter()
+  # A compile-only executable cannot be loaded back from the persistent cache: never write one.
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   try:
     with mesh_context(mesh):
       compiled = train_step.lower(state, batch).compile()
@@ -153,6 +156,8 @@ def compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool
     if peak is None:
       raise
     return Compiled(False, peak, time.perf_counter() - t0, note="compiler ran out of HBM"), ""
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
   elapsed = time.perf_counter() - t0
   m = compiled.memory_analysis()
   # What the runtime allocates: live arguments, outputs that do not reuse a donated input, and the
@@ -170,11 +175,14 @@ def compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool
   return Compiled(peak <= hbm_bytes, peak, elapsed, cost), hlo
 
 
-def step_cost(config: Any, devices: list[Any], hbm_bytes: int) -> tuple[dict[str, float], float]:
+def step_cost(
+  config: Any, devices: list[Any], hbm_bytes: int, full_depth: bool = False
+) -> tuple[dict[str, float], float]:
   """Per-device cost of one whole step, from loop-free cost probes; returns (cost, probe seconds).
 
   cost(L layers) = probe(1) + (L - 1) * (probe(2) - probe(1)), times the microbatches (the
-  optimizer update, a small elementwise part, is then counted once per microbatch).
+  optimizer update, a small elementwise part, is then counted once per microbatch). With
+  `full_depth` the one probe has all L layers: slower to compile, nothing extrapolated.
   """
   accum = int(config.grad_accum_steps)
   layers = int(config.model.num_layers)
@@ -185,7 +193,7 @@ def step_cost(config: Any, devices: list[Any], hbm_bytes: int) -> tuple[dict[str
     global_batch_size=config.global_batch_size // accum,
   )
   probes, seconds = [], 0.0
-  for depth in sorted({1, min(2, layers)}):
+  for depth in [layers] if full_depth else sorted({1, min(2, layers)}):
     probe, hlo = compile_step(
       with_overrides(config, model__num_layers=depth, **base), devices, hbm_bytes, with_hlo=True
     )
@@ -194,7 +202,8 @@ def step_cost(config: Any, devices: list[Any], hbm_bytes: int) -> tuple[dict[str
       raise RuntimeError(f"the {depth}-layer cost probe ran out of HBM ({probe.note})")
     probes.append({**probe.cost, "ici_bytes": collective_bytes(hlo, len(devices))})
   first, last = probes[0], probes[-1]
-  cost = {k: accum * (first[k] + (layers - 1) * (last[k] - first[k])) for k in first}
+  extra = 0 if full_depth else layers - 1
+  cost = {k: accum * (first[k] + extra * (last[k] - first[k])) for k in first}
   if min(p["seconds"] for p in probes) <= 0:
     # A negative step time (seen on v5e and v6e) must not turn positive by extrapolation.
     cost["seconds"] = min(p["seconds"] for p in probes)

@@ -1,7 +1,8 @@
 """Ahead-of-time plan of a training run on a TPU slice: HBM, FLOPs, step time, MFU, from this CPU.
 
 python -m launch.plan --config=configs/llama3_8b.py --topology=v5p-256 \\
-  --config.global_batch_size=128 --config.seq_len=2048 [--compare_loss_chunking]
+  --config.global_batch_size=128 --config.seq_len=2048 [--compare_loss_chunking] \\
+  [--full_depth_cost]  # cost the unscanned step with all layers (slow) instead of probes
 python -m launch.plan --config=configs/tiny.py --topology=v5e-8 --search
 
 The real train step (`trainer.step.jit_train_step`) is compiled by libtpu for the named topology;
@@ -74,6 +75,7 @@ def plan(
   num_slices: int | None = None,
   devices: list[Any] | None = None,
   compare_loss_chunking: bool = False,
+  full_depth_cost: bool = False,
 ) -> dict[str, Any]:
   """Compiles `config` for `topology` ahead of time and returns the plan as a JSON-able dict."""
   t_start = time.perf_counter()
@@ -123,8 +125,12 @@ def plan(
   cost, probe_s = main.cost, 0.0
   if aot.needs_probes(config):
     try:
-      cost, probe_s = aot.step_cost(config, devices, hbm)
-      notes.append("costs from unscanned 1- and 2-layer probes, extrapolated to the full step")
+      cost, probe_s = aot.step_cost(config, devices, hbm, full_depth_cost)
+      notes.append(
+        "costs from the step unscanned with all layers"
+        if full_depth_cost
+        else "costs from unscanned 1- and 2-layer probes, extrapolated to the full step"
+      )
     except (RuntimeError, jax.errors.JaxRuntimeError) as e:
       cost = None
       notes.append(f"no compiler cost ({str(e).splitlines()[0]}); roofline on model FLOPs")
@@ -318,6 +324,7 @@ def run(
   slices: int | None = None,
   compare_loss_chunking: bool = False,
   search_space: dict[str, Any] | None = None,
+  full_depth_cost: bool = False,
 ) -> int:
   """The whole command: prints the table and, last, the JSON line; returns the exit code."""
   topology = topo_lib.parse(topology_name)
@@ -327,7 +334,7 @@ def run(
     fitting = [r for r in results if r["fits"]]
     print(json.dumps({"topology": topology.name, "fitting": len(fitting), "plans": results}))
     return 0 if fitting else NOT_FITTING_EXIT_CODE
-  result = plan(config, topology, slices, compare_loss_chunking=compare_loss_chunking)
+  result = plan(config, topology, slices, None, compare_loss_chunking, full_depth_cost)
   print(format_plan(result))
   print(json.dumps(result))
   return 0 if result["fits"] else NOT_FITTING_EXIT_CODE
@@ -345,6 +352,9 @@ def main() -> None:
   )
   compare = flags.DEFINE_bool(
     "compare_loss_chunking", False, "Also compile with loss_chunk_size=0 and report HBM saved."
+  )
+  full_depth = flags.DEFINE_bool(
+    "full_depth_cost", False, "Cost the unscanned step with all layers, not 1- and 2-layer probes."
   )
   do_search = flags.DEFINE_bool("search", False, "Try mesh splits, remat policies and batches.")
   meshes = flags.DEFINE_list("search_meshes", ["1x-1x1", "1x-1x2", "1x-1x4"], "DATAxFSDPxTENSOR.")
@@ -371,7 +381,7 @@ def main() -> None:
           remats=tuple(remats.value),
           per_device_batches=tuple(int(b) for b in batches.value),
         )
-      code = run(config.value, topology.value, slices.value, compare.value, space)
+      code = run(config.value, topology.value, slices.value, compare.value, space, full_depth.value)
     except (ValueError, MeshError, topo_lib.TopologyError) as e:
       if os.environ.get("LLAMA_TRACEBACK"):
         raise
