@@ -9,6 +9,16 @@ from typing import Any
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+# The integer sizes that fix every parameter's shape.
+SIZE_FIELDS = (
+  "vocab_size",
+  "embed_dim",
+  "mlp_dim",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 _ROPE_SCALING_KEYS = {
@@ -51,15 +61,7 @@ class ModelConfig:
           f"{sorted(_ROPE_SCALING_KEYS)} or set it to None."
         )
       object.__setattr__(self, "rope_scaling", FrozenDict(scaling))
-    for name in (
-      "vocab_size",
-      "embed_dim",
-      "mlp_dim",
-      "num_layers",
-      "num_heads",
-      "num_kv_heads",
-      "head_dim",
-    ):
+    for name in SIZE_FIELDS:
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}.")
     if self.num_heads % self.num_kv_heads:

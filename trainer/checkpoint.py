@@ -12,19 +12,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from model import ModelConfig
+from model.config import SIZE_FIELDS
 
 # Fields that change the parameter shapes; any difference makes a checkpoint incompatible.
-_SHAPE_FIELDS = (
-  "vocab_size",
-  "embed_dim",
-  "mlp_dim",
-  "num_layers",
-  "num_heads",
-  "num_kv_heads",
-  "head_dim",
-  "tie_embeddings",
-  "scan_layers",
-)
+_SHAPE_FIELDS = (*SIZE_FIELDS, "tie_embeddings", "scan_layers")
 
 
 class CheckpointMismatchError(ValueError):
