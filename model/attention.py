@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.blockwise import blockwise_attention
+
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -22,6 +24,51 @@ def resolve_implementation(implementation: str) -> str:
   if backend == "gpu":
     return "cudnn"
   return "xla"
+
+
+def _unsupported(impl: str, head_dim: int, seq_len: int, dtype: jnp.dtype | None) -> str | None:
+  """Why kernel `impl` cannot run these shapes, or None."""
+  if impl == "splash":
+    from model.splash import splash_unsupported  # Pallas TPU imports only when asked for.
+
+    return splash_unsupported(head_dim, seq_len)
+  if impl == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"cuDNN flash attention needs bfloat16 or float16, not {jnp.dtype(dtype).name}"
+  return None
+
+
+def select_implementation(
+  implementation: str, head_dim: int, seq_len: int, dtype: jnp.dtype | None = None
+) -> tuple[str, str | None]:
+  """(kernel that runs, why 'auto' fell back to XLA or None); an explicit misfit raises."""
+  impl = resolve_implementation(implementation)
+  why = _unsupported(impl, head_dim, seq_len, dtype)
+  if why is None:
+    return impl, None
+  if implementation != "auto":
+    raise ValueError(f"model.attention={implementation!r} cannot run here: {why}; use 'auto'.")
+  return "xla", why
+
+
+def describe_attention(
+  implementation: str,
+  *,
+  head_dim: int | None = None,
+  seq_len: int | None = None,
+  dtype: str | None = None,
+) -> str:
+  """One line for logs: which attention kernel `implementation` runs on the default backend."""
+  impl, why = resolve_implementation(implementation), None
+  if head_dim is not None and seq_len is not None:
+    impl, why = select_implementation(implementation, head_dim, seq_len, dtype)
+  text = {
+    "splash": "splash (TPU Pallas flash kernel, causal + segment ids)",
+    "cudnn": "cudnn (cuDNN flash attention via jax.nn.dot_product_attention)",
+    "xla": "xla (blockwise causal attention in XLA ops, recomputing backward)",
+  }[impl]
+  if why:
+    text += f"; auto fell back from {resolve_implementation(implementation)}: {why}"
+  return f"{text} [model.attention={implementation!r}, {jax.default_backend()}]"
 
 
 def attention_mask(
@@ -86,7 +133,7 @@ def dot_product_attention(
   b, t = q_BxTxNxH.shape[:2]
   if segment_ids_BxT is None:
     segment_ids_BxT = jnp.ones((b, t), jnp.int32)
-  impl = resolve_implementation(implementation)
+  impl, _ = select_implementation(implementation, q_BxTxNxH.shape[-1], t, q_BxTxNxH.dtype)
   if kv_segment_ids_BxS is None and impl == "cudnn":
     return cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
   if kv_segment_ids_BxS is None and impl == "splash":
@@ -94,6 +141,8 @@ def dot_product_attention(
 
     return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
   cache = kv_segment_ids_BxS is not None
+  if not cache:
+    return blockwise_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
   kv_seg = kv_segment_ids_BxS if cache else segment_ids_BxT
   mask = attention_mask(segment_ids_BxT, kv_seg, q_offset, cache=cache)
   return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)

@@ -16,6 +16,7 @@ import numpy as np
 
 from model.attention import dot_product_attention
 from model.config import ModelConfig
+from model.matmul import dense
 
 
 class Linear(nn.Module):
@@ -45,10 +46,7 @@ class Linear(nn.Module):
     kernel = self.param(
       "kernel", nn.with_logical_partitioning(init, self.logical_axes), shape, self.param_dtype
     )
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return jax.lax.dot_general(
-      x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
-    )
+    return dense(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
 
 
 class RMSNorm(nn.Module):

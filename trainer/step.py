@@ -11,19 +11,28 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.batching import BATCH_KEYS, batch_sharding
 from model import Llama3, output_kernel
+from model.matmul import dense
 from trainer.state import TrainState
 
 
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  """Token-weighted mean cross-entropy over an evaluation."""
+@functools.cache
+def eval_metrics_class() -> type:
+  """The CLU collection eval steps return: token-weighted mean cross-entropy.
 
-  eval_loss: clu_metrics.Average.from_output("eval_loss")
+  Built on first use, so the train step imports without CLU (the GPU image for
+  `trainer.benchmark` has none).
+  """
+  from clu import metrics as clu_metrics
+
+  @flax.struct.dataclass
+  class EvalMetrics(clu_metrics.Collection):
+    eval_loss: clu_metrics.Average.from_output("eval_loss")
+
+  return EvalMetrics
 
 
 def token_cross_entropy(
@@ -38,9 +47,7 @@ def token_cross_entropy(
   kernel_DxV = kernel_DxV.astype(hidden_BxTxD.dtype)
 
   def chunk_ce(h_BxCxD, tgt_BxC):
-    logits_BxCxV = jnp.einsum(
-      "bcd,dv->bcv", h_BxCxD, kernel_DxV, preferred_element_type=jnp.float32
-    )
+    logits_BxCxV = dense(h_BxCxD, kernel_DxV, 1, jnp.float32)
     logits_BxCxV = nn.with_logical_constraint(
       logits_BxCxV, ("activation_batch", "activation_length", "activation_vocab")
     )
@@ -130,12 +137,10 @@ def train_step(
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(
-  params: Any, batch: dict[str, jax.Array], *, model: Llama3, chunk: int
-) -> EvalMetrics:
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Llama3, chunk: int) -> Any:
   """Cross-entropy of one held-out batch as a mergeable CLU metric."""
   ce_BxT, _ = _forward(model, params, batch, chunk)
-  return EvalMetrics.single_from_model_output(eval_loss=ce_BxT, mask=batch["loss_mask"])
+  return eval_metrics_class().single_from_model_output(eval_loss=ce_BxT, mask=batch["loss_mask"])
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:

@@ -1,0 +1,369 @@
+"""Throughput of the real train step on synthetic data, optionally beside PyTorch on the same model.
+
+  python -m trainer.benchmark --config=configs/bench.py [--steps=N] [--compare_torch]
+
+Compiles the jitted, state-donating train step, runs warm-up steps, then times `--steps` steps in
+`--rounds` rounds and reports the median round. Prints a table and, last, one JSON line with
+tokens_per_sec, step_time_s, model_flops_per_token, mfu, compile_s, peak_memory_bytes and device.
+On an accelerator the MFU is against the device's dense bf16 peak (trainer/flops.py); on CPU it is
+against the fp32 matmul peak measured in the same run, with the same matmul running on every CPU
+device at once. On CPU the host's cores become that many JAX devices and the batch is split over
+them (data parallel): XLA:CPU runs each matmul on one thread, so that is how a step uses them all.
+
+With --compare_torch, a child process trains `transformers.LlamaForCausalLM` with
+`torch.optim.AdamW` (same shapes, batch, loss, clipping and weight-decay mask, as many threads as
+the host has cores) in rounds alternating with JAX's, so both see the same machine load.
+
+Imports only jax, flax, optax, ml_collections and numpy (torch only in that child): the GPU image
+has no CLU, TensorFlow or grain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from data.batching import batch_sharding
+from data.synthetic import SyntheticPipeline, synthetic_rows
+from model import Llama3
+from model.attention import describe_attention
+from trainer import flops, optimizer
+from trainer import state as state_lib
+from trainer import step as step_lib
+from trainer.mesh import MESH_AXES, MeshError, create_mesh, mesh_context, resolve_shape
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default: the config's `steps`).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed steps are split into rounds; the median counts.")
+_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time PyTorch transformers on this CPU.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "JAX CPU devices (0: one per core).")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of one extra round.")
+flags.mark_flags_as_required(["config"])
+
+
+def cpu_device_count(config: Any, cores: int) -> int:
+  """How many CPU devices to split the host into: one per core, as far as mesh and batch allow."""
+  sizes = [int(config.mesh[a]) for a in MESH_AXES]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 not in sizes:
+    return fixed
+  rows = config.global_batch_size // config.grad_accum_steps
+  for n in range(cores, fixed - 1, -1):
+    try:
+      data, fsdp, _ = resolve_shape(sizes, n, "mesh")
+    except MeshError:
+      continue
+    if rows % (data * fsdp) == 0:
+      return n
+  return fixed
+
+
+def cpu_matmul_peak(devices: list[Any], sizes: tuple[int, ...] = (1024, 2048)) -> float:
+  """fp32 matmul FLOP/s of the host: the same matmul on every CPU device at once, best of 3."""
+  matmul = jax.jit(lambda a: a @ a)
+  best = 0.0
+  for n in sizes:
+    xs = [jax.device_put(jnp.ones((n, n), jnp.float32), d) for d in devices]
+    jax.block_until_ready([matmul(x) for x in xs])
+    for _ in range(3):
+      t0 = time.perf_counter()
+      jax.block_until_ready([matmul(x) for x in xs])
+      best = max(best, len(xs) * 2 * n**3 / (time.perf_counter() - t0))
+  return best
+
+
+def peak_memory(compiled: Any, device: Any) -> tuple[int, str]:
+  """Peak bytes on one device: the allocator's count where there is one, else XLA's estimate."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("peak_bytes_in_use"):
+    return int(stats["peak_bytes_in_use"]), "allocator"
+  m = compiled.memory_analysis()
+  total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  return int(total + m.temp_size_in_bytes), "compiler estimate"
+
+
+def torch_worker(conn: Any, spec: dict[str, Any]) -> None:
+  """Child process: PyTorch transformers Llama + AdamW; answers ('steps', batches) requests."""
+  import torch  # noqa: PLC0415 - only the comparison needs torch.
+  import transformers  # noqa: PLC0415
+
+  torch.set_num_threads(spec["threads"])
+  torch.manual_seed(0)
+  m = spec["model"]
+  rope = None
+  if m["rope_scaling"]:
+    rope = {"rope_type": "llama3", **m["rope_scaling"]}
+  hf_config = transformers.LlamaConfig(
+    vocab_size=m["vocab_size"],
+    hidden_size=m["embed_dim"],
+    intermediate_size=m["mlp_dim"],
+    num_hidden_layers=m["num_layers"],
+    num_attention_heads=m["num_heads"],
+    num_key_value_heads=m["num_kv_heads"],
+    head_dim=m["head_dim"],
+    max_position_embeddings=m["max_seq_len"],
+    rms_norm_eps=m["norm_eps"],
+    rope_theta=m["rope_theta"],
+    rope_scaling=rope,
+    tie_word_embeddings=m["tie_embeddings"],
+    attention_bias=False,
+    mlp_bias=False,
+  )
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[m["dtype"]]
+  model = transformers.LlamaForCausalLM(hf_config).to(dtype)
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = spec["optimizer"]
+  groups = [
+    {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt["weight_decay"]},
+    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+  ]
+  adamw = torch.optim.AdamW(
+    groups, lr=opt["learning_rate"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"]
+  )
+
+  def step(inputs, targets, mask):
+    logits = model(input_ids=inputs).logits.float()
+    ce = torch.nn.functional.cross_entropy(
+      logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    )
+    loss = (ce * mask.reshape(-1)).sum() / mask.sum().clamp(min=1.0)
+    loss.backward()
+    if opt["grad_clip"] > 0:
+      torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
+    adamw.step()
+    adamw.zero_grad(set_to_none=True)
+    return loss
+
+  while (request := conn.recv()) is not None:
+    kind, payload = request
+    if kind == "peak":
+      best = 0.0
+      for n in (1024, 2048):
+        a = torch.ones(n, n)
+        a @ a
+        for _ in range(3):
+          t0 = time.perf_counter()
+          a @ a
+          best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+      conn.send(best)
+      continue
+    batches = [tuple(torch.from_numpy(x) for x in b) for b in payload]
+    t0 = time.perf_counter()
+    for inputs, targets, mask in batches:
+      loss = step(inputs.long(), targets.long(), mask)
+    conn.send((time.perf_counter() - t0, loss.item()))
+
+
+class TorchRunner:
+  """Drives `torch_worker` in a spawned child, so its threads never share a process with XLA's."""
+
+  def __init__(self, config: Any, threads: int):
+    ctx = multiprocessing.get_context("spawn")
+    self._conn, child = ctx.Pipe()
+    model = state_lib.model_config(config).to_dict()
+    spec = {"model": model, "optimizer": dict(config.optimizer), "threads": threads}
+    self._proc = ctx.Process(target=torch_worker, args=(child, spec), daemon=True)
+    self._proc.start()
+    self.seed, self.seq_len, self.vocab = config.seed, config.seq_len, model["vocab_size"]
+    self.rows = np.arange(config.global_batch_size)
+
+  def _ask(self, request: Any) -> Any:
+    self._conn.send(request)
+    return self._conn.recv()
+
+  def matmul_peak(self) -> float:
+    return self._ask(("peak", None))
+
+  def run(self, first_step: int, num_steps: int) -> tuple[float, float]:
+    """(seconds, last loss) for `num_steps` steps on the same synthetic rows JAX trains on."""
+    batches = []
+    for s in range(first_step, first_step + num_steps):
+      ex = synthetic_rows(self.seed, s, self.rows, self.seq_len, self.vocab)
+      batches.append((ex["inputs"], ex["targets"], ex["loss_mask"]))
+    return self._ask(("steps", batches))
+
+  def close(self) -> None:
+    self._conn.send(None)
+    self._proc.join(timeout=30)
+
+
+def benchmark(
+  config: Any,
+  *,
+  steps: int,
+  warmup: int = 2,
+  rounds: int = 4,
+  torch_runner: TorchRunner | None = None,
+  profile_dir: str = "",
+) -> dict[str, Any]:
+  """Compiles and times the train step of `config` on all default devices; returns the results."""
+  mcfg = state_lib.model_config(config)
+  devices = jax.devices()
+  mesh = create_mesh(config.mesh, devices)
+  rules = state_lib.logical_rules(config)
+  model = Llama3(mcfg)
+  tx = optimizer.make_optimizer(config)
+  state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
+  step_fn = step_lib.jit_train_step(
+    config, model, tx, optimizer.learning_rate_schedule(config), mesh, rules, shardings
+  )
+  pipeline = SyntheticPipeline(
+    seed=config.seed,
+    global_batch=config.global_batch_size,
+    seq_len=config.seq_len,
+    vocab_size=mcfg.vocab_size,
+    sharding=batch_sharding(mesh),
+  )
+  batches = pipeline.train_batches(0)
+  batch = next(batches)
+  on_cpu = devices[0].platform == "cpu"
+  rounds = max(min(rounds, steps), 1)
+  per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+  peaks, torch_times, torch_loss = [], [], float("nan")
+
+  with mesh_context(mesh):
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+  # The AOT-compiled step needs no ambient mesh; the peak matmuls must not have one.
+  done = 0
+  for _ in range(warmup):
+    # The next batch is built on the host while the dispatched step runs.
+    state, metrics = compiled(state, batch)
+    batch = next(batches)
+    done += 1
+  jax.block_until_ready((state, metrics))
+  if torch_runner is not None:
+    torch_runner.run(0, max(warmup, 1))
+  times = []
+  for n in per_round:
+    if on_cpu:
+      peaks.append(cpu_matmul_peak(devices))
+    t0 = time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, batch)
+      batch = next(batches)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t0) / n)
+    if torch_runner is not None:
+      seconds, torch_loss = torch_runner.run(done, n)
+      torch_times.append(seconds / n)
+    done += n
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(per_round[0]):
+        state, metrics = compiled(state, batch)
+        batch = next(batches)
+      jax.block_until_ready((state, metrics))
+
+  tokens = config.global_batch_size * config.seq_len
+  step_time = statistics.median(times)
+  fpt = flops.model_flops_per_token(mcfg, config.seq_len)
+  peak = max(peaks) if on_cpu else len(devices) * flops.device_peak_flops(devices[0])
+  memory, memory_source = peak_memory(compiled, devices[0])
+  result = {
+    "tokens_per_sec": tokens / step_time,
+    "step_time_s": step_time,
+    "model_flops_per_token": fpt,
+    "mfu": tokens / step_time * fpt / peak,
+    "compile_s": compile_s,
+    "peak_memory_bytes": memory,
+    "device": f"{len(devices)} x {devices[0].device_kind}",
+    "peak_flops": peak,
+    "peak_flops_kind": "measured fp32 matmul, all cores" if on_cpu else "dense bf16 table",
+    "peak_memory_source": memory_source,
+    "step_times_s": times,
+    "loss": float(metrics["loss"]),
+    "attention": describe_attention(
+      mcfg.attention, head_dim=mcfg.head_dim, seq_len=config.seq_len, dtype=mcfg.dtype
+    ),
+    "global_batch_size": config.global_batch_size,
+    "seq_len": config.seq_len,
+    "dtype": mcfg.dtype,
+  }
+  if not math.isfinite(result["loss"]):
+    raise FloatingPointError(f"The benchmark's loss is {result['loss']}; the numbers mean nothing.")
+  if torch_runner is not None:
+    torch_step = statistics.median(torch_times)
+    torch_peak = torch_runner.matmul_peak()
+    result.update(
+      torch_tokens_per_sec=tokens / torch_step,
+      torch_step_time_s=torch_step,
+      torch_step_times_s=torch_times,
+      torch_mfu=tokens / torch_step * fpt / peak,
+      torch_matmul_peak_flops=torch_peak,
+      torch_loss=torch_loss,
+      speedup_vs_torch=torch_step / step_time,
+    )
+  return result
+
+
+def table(result: dict[str, Any]) -> str:
+  """The human-readable summary printed before the JSON line."""
+  rows = [("JAX", result["tokens_per_sec"], result["step_time_s"], result["mfu"])]
+  if "torch_tokens_per_sec" in result:
+    rows.append(
+      ("PyTorch", result["torch_tokens_per_sec"], result["torch_step_time_s"], result["torch_mfu"])
+    )
+  fpt = result["model_flops_per_token"]
+  lines = [
+    f"device {result['device']}, {result['dtype']}, batch {result['global_batch_size']} x "
+    f"{result['seq_len']}, attention: {result['attention']}",
+    f"model FLOPs/token {fpt:.4g}; peak {result['peak_flops'] / 1e12:.3f} TFLOP/s "
+    f"({result['peak_flops_kind']}); compile {result['compile_s']:.1f} s; peak memory "
+    f"{result['peak_memory_bytes'] / 2**20:.0f} MiB/device ({result['peak_memory_source']})",
+    f"{'':8} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6}",
+  ]
+  for name, tps, step, mfu in rows:
+    lines.append(f"{name:8} {tps:10.0f} {step * 1e3:9.1f} {tps * fpt / 1e12:8.3f} {mfu:6.1%}")
+  if "speedup_vs_torch" in result:
+    lines.append(
+      f"JAX / PyTorch tokens/s: {result['speedup_vs_torch']:.2f}x (PyTorch fp32 matmul peak "
+      f"{result['torch_matmul_peak_flops'] / 1e12:.3f} TFLOP/s)"
+    )
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  cores = len(os.sched_getaffinity(0))
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    n = _CPU_DEVICES.value or cpu_device_count(config, cores)
+    jax.config.update("jax_num_cpu_devices", n)  # Before any backend exists.
+  runner = None
+  if _TORCH.value:
+    if jax.default_backend() != "cpu":
+      sys.exit("error: --compare_torch compares on CPU; run with JAX_PLATFORMS=cpu.")
+    runner = TorchRunner(config, threads=cores)
+  try:
+    result = benchmark(
+      config,
+      steps=_STEPS.value or int(config.steps),
+      warmup=_WARMUP.value,
+      rounds=_ROUNDS.value,
+      torch_runner=runner,
+      profile_dir=_PROFILE.value,
+    )
+  finally:
+    if runner is not None:
+      runner.close()
+  print(table(result), flush=True)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
