@@ -9,20 +9,20 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  c.steps = 300
-  c.global_batch_size = 16
+  c.steps = 240
+  c.global_batch_size = 8
   c.seq_len = 256
   c.log_every = 10
-  c.eval_every = 100
+  c.eval_every = 80
   c.eval_steps = 4
-  c.checkpoint_every = 100
+  c.checkpoint_every = 80
   c.watchdog_timeout_s = 600.0
-  c.sample_every = 100
+  c.sample_every = 80
   c.sample_prompt = "def "
   c.sample_max_new_tokens = 48
   c.loss_chunk_size = 256
   c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 30
+  c.optimizer.warmup_steps = 20
   c.optimizer.weight_decay = 0.01
   c.data.source = "stdlib"
   c.data.tokenizer = "bpe:4096"

@@ -98,11 +98,14 @@ def test_mesh_that_does_not_fit_is_one_clear_error():
     create_mesh(config.mesh)
 
 
-def test_train_writes_tensorboard_and_jsonl(tmp_path):
+def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
   config = tiny_config(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
-  train_and_evaluate(config, str(tmp_path))
+  monkeypatch.chdir(tmp_path)  # A relative --workdir, as `make train` passes.
+  train_and_evaluate(config, "run")
+  tmp_path = tmp_path / "run"
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == [2, 4, 6]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,11 @@ from model.config import SIZE_FIELDS
 
 # Fields that change the parameter shapes; any difference makes a checkpoint incompatible.
 _SHAPE_FIELDS = (*SIZE_FIELDS, "tie_embeddings", "scan_layers")
+
+
+def absolute(path: str) -> epath.Path:
+  """`path` made absolute when local (Orbax refuses relative paths); URLs pass through."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,7 +44,7 @@ class Checkpointer:
   def __init__(
     self, workdir: str, *, max_to_keep: int = 3, keep_period: int = 0, async_save: bool = True
   ):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = absolute(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep or None,
       keep_period=keep_period or None,
@@ -156,13 +162,13 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
 
   from model import Llama3  # noqa: PLC0415
 
-  config_path = epath.Path(workdir) / "config.json"
+  config_path = absolute(workdir) / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} does not exist; pass the --workdir of a training run.")
   model_dict = json.loads(config_path.read_text())["model"]
   mcfg = ModelConfig(**model_dict)
   manager = ocp.CheckpointManager(
-    epath.Path(workdir) / "checkpoints",
+    absolute(workdir) / "checkpoints",
     item_names=("state", "data", "config"),
     options=ocp.CheckpointManagerOptions(read_only=True),
   )

@@ -20,7 +20,7 @@ from model.attention import resolve_implementation
 from trainer import flops, optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, absolute
 from trainer.mesh import create_mesh, mesh_context
 from trainer.metrics import create_writers
 from trainer.watchdog import Preemption, Watchdog
@@ -61,7 +61,7 @@ def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns last metrics."""
   validate(config)
-  workdir = epath.Path(workdir)
+  workdir = absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = create_mesh(config.mesh)
   check_batch_fits_mesh(config, mesh)
