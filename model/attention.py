@@ -106,11 +106,22 @@ def xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS) -> jax.Array:
   return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
-def cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT) -> jax.Array:
-  """cuDNN flash attention (GPU, bf16/fp16) through `jax.nn.dot_product_attention`."""
-  mask_Bx1xTxS = attention_mask(segment_ids_BxT, segment_ids_BxT)[:, None]
+def cudnn_attention(
+  q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, implementation: str = "cudnn"
+) -> jax.Array:
+  """cuDNN flash attention (GPU, bf16/fp16) through `jax.nn.dot_product_attention`.
+
+  Causality is the kernel's own mask type (it skips blocks above the diagonal); documents are
+  a boolean mask. `implementation='xla'` runs the same call anywhere, for tests.
+  """
+  same_Bx1xTxS = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
   return jax.nn.dot_product_attention(
-    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation="cudnn"
+    q_BxTxNxH,
+    k_BxSxKxH,
+    v_BxSxKxH,
+    mask=same_Bx1xTxS,
+    is_causal=True,
+    implementation=implementation,
   )
 
 

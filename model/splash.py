@@ -12,6 +12,7 @@ Off TPU the kernel runs in Pallas interpret mode (slow; for tests).
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -55,15 +56,19 @@ def _kernel(num_heads: int, seq_len: int, interpret: bool) -> kernel_lib.SplashA
     )
 
 
-def _local_attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, interpret):
+def _local_attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, kernel):
   """Splash on the rows and heads one device holds."""
-  n, t = q_BxNxTxH.shape[1], q_BxNxTxH.shape[2]
-  kernel = _kernel(n, t, interpret)
 
   def one(q_NxTxH, k_KxTxH, v_KxTxH, seg_T):
     return kernel(q_NxTxH, k_KxTxH, v_KxTxH, segment_ids=kernel_lib.SegmentIds(q=seg_T, kv=seg_T))
 
   return jax.vmap(one)(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT)
+
+
+def _size(mesh: jax.sharding.AbstractMesh, axes: str | tuple[str, ...] | None) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def splash_attention(
@@ -83,15 +88,18 @@ def splash_attention(
   k_BxKxTxH = jnp.swapaxes(k_BxTxKxH, 1, 2)
   v_BxKxTxH = jnp.swapaxes(v_BxTxKxH, 1, 2)
   segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
-  local = functools.partial(_local_attention, interpret=interpret)
+  n, t = q_BxNxTxH.shape[1:3]
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    out_BxNxTxH = local(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT)
+    kernel = _kernel(n, t, interpret)
+    out_BxNxTxH = _local_attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, kernel)
   else:
     batch, heads = nn.logical_to_mesh_axes(("activation_batch", "activation_heads"))
+    # Built outside shard_map, so its mask tables are constants rather than shard_map tracers.
+    kernel = _kernel(n // _size(mesh, heads), t, interpret)
     heads_spec = PartitionSpec(batch, heads, None, None)
     out_BxNxTxH = jax.shard_map(
-      local,
+      functools.partial(_local_attention, kernel=kernel),
       mesh=mesh,
       in_specs=(heads_spec, heads_spec, heads_spec, PartitionSpec(batch, None)),
       out_specs=heads_spec,

@@ -293,6 +293,7 @@ def benchmark(
     "global_batch_size": config.global_batch_size,
     "seq_len": config.seq_len,
     "dtype": mcfg.dtype,
+    "remat": mcfg.remat,
   }
   if not math.isfinite(result["loss"]):
     raise FloatingPointError(f"The benchmark's loss is {result['loss']}; the numbers mean nothing.")
