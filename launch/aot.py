@@ -8,12 +8,15 @@ microbatch) and extrapolates linearly in depth and microbatches.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -130,13 +133,47 @@ def _shard_bytes(tree: Any) -> int:
   )
 
 
+@contextlib.contextmanager
+def traced_as(platform: str) -> Iterator[None]:
+  """Model code picks kernels by `jax.default_backend()` (splash, and Pallas compiled rather than
+  interpreted, on TPU); tracing here must make the choices the target platform's host makes."""
+  with mock.patch.object(jax, "default_backend", lambda: platform):
+    yield
+
+
 def compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool = False):
   """AOT-compiles the real train step for `config` on `devices`; returns (Compiled, hlo text)."""
+  with traced_as(devices[0].platform):
+    return _compile_step(config, devices, hbm_bytes, with_hlo)
+
+
+def _prebuild_splash(config: Any, mesh: Any, rules: list) -> None:
+  """Builds (and caches) the splash kernel outside the mesh.
+
+  Splash makes concrete mask tables while tracing, and no concrete array can be made under a
+  mesh of compile-only devices; model/splash.py could build them with numpy instead.
+  """
+  try:
+    from model import splash  # noqa: PLC0415 - Pallas TPU imports only when planning for TPU.
+  except ImportError:
+    return
+  axes = dict(rules).get("activation_heads")
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  heads = config.model.num_heads // math.prod(mesh.shape[a] for a in axes)
+  try:
+    splash._kernel(heads, config.seq_len, False)
+  except Exception:  # Shapes splash does not take: the model falls back to XLA attention.
+    pass
+
+
+def _compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool):
   validate(config)
   mesh = create_mesh(config.mesh, devices)
   check_batch_fits_mesh(config, mesh)
   model = Llama3(state_lib.model_config(config))
   rules = state_lib.logical_rules(config)
+  if devices[0].platform == "tpu" and config.model.attention in ("auto", "splash"):
+    _prebuild_splash(config, mesh, rules)
   tx = optimizer.make_optimizer(config)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
   state = state_lib.abstract_state(model, tx, shardings)

@@ -19,7 +19,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The planner compiles for chips it never drives.
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -37,12 +36,17 @@ NOT_FITTING_EXIT_CODE = 3
 _GIB = float(1 << 30)
 
 
-def resolve_attention(config: Any) -> Any:
-  """'auto' means splash on TPU, but tracing here happens on CPU: pick what the TPU would run."""
-  if config.model.attention != "auto":
-    return config
-  has_splash = importlib.util.find_spec("model.splash") is not None
-  return aot.with_overrides(config, model__attention="splash" if has_splash else "xla")
+def attention_kernel(config: Any, platform: str = "tpu") -> str:
+  """The attention kernel the model runs for `config` on `platform` (e.g. splash on TPU)."""
+  from model import attention  # noqa: PLC0415
+
+  if not hasattr(attention, "select_implementation"):
+    return attention.resolve_implementation(config.model.attention)
+  with aot.traced_as(platform):
+    impl, why = attention.select_implementation(
+      config.model.attention, config.model.head_dim, config.seq_len, config.model.dtype
+    )
+  return impl if why is None else f"{impl} ({why})"
 
 
 def advice(config: Any, mesh_shape: dict[str, int]) -> list[str]:
@@ -80,7 +84,7 @@ def plan(
   """Compiles `config` for `topology` ahead of time and returns the plan as a JSON-able dict."""
   t_start = time.perf_counter()
   slices = int(num_slices or config.mesh.num_slices)
-  config = resolve_attention(aot.with_overrides(config, mesh__num_slices=slices))
+  config = aot.with_overrides(config, mesh__num_slices=slices)
   devices = devices or topo_lib.devices(topology, slices)
   hbm = topology.hbm_bytes
   mesh_shape = dict(create_mesh(config.mesh, devices).shape)
@@ -110,7 +114,7 @@ def plan(
     "grad_accum_steps": int(config.grad_accum_steps),
     "remat": config.model.remat,
     "scan_layers": bool(config.model.scan_layers),
-    "attention": config.model.attention,
+    "attention": attention_kernel(config, devices[0].platform),
     "loss_chunk_size": int(config.loss_chunk_size),
   }
   notes = [main.note] if main.note else []
@@ -136,6 +140,8 @@ def plan(
       notes.append(f"no compiler cost ({str(e).splitlines()[0]}); roofline on model FLOPs")
   else:
     cost["ici_bytes"] = aot.collective_bytes(hlo, n)
+  if cost is not None and result["attention"] == "splash":
+    _add_kernel_cost(cost, config, mcfg, tokens / n, topology, notes)
   result.update(_estimate(cost, model_flops / n, topology, notes))
   if result["flops_per_step"] is not None:
     result["flops_per_step"] *= n
@@ -146,6 +152,24 @@ def plan(
     total_s=round(time.perf_counter() - t_start, 2),
   )
   return result
+
+
+def _add_kernel_cost(
+  cost: dict[str, float], config: Any, mcfg: Any, tokens: float, topology: Any, notes: list[str]
+) -> None:
+  """Adds the splash kernel's FLOPs, which XLA's cost model cannot see (a Mosaic custom call).
+
+  Causal flash attention: 2 matmuls forward, 5 backward (it recomputes the probabilities), 2 more
+  when remat recomputes the forward pass; each 2 * N * H * T / 2 FLOPs per token and layer. The
+  kernel's time is taken as those FLOPs at peak.
+  """
+  matmuls = 7 + (2 if config.model.remat != "none" else 0)
+  per_token = matmuls * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * config.seq_len
+  kernel_flops = per_token * tokens
+  cost["flops"] += kernel_flops
+  if cost["seconds"] > 0:
+    cost["seconds"] += kernel_flops / topology.peak_flops
+  notes.append(f"splash kernel FLOPs added analytically: {kernel_flops:.3g} per device, at peak")
 
 
 def _estimate(
