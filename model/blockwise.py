@@ -21,11 +21,12 @@ import jax.numpy as jnp
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 _F32 = jnp.float32
-BLOCK = 128  # Query block length; a sequence not divisible by it is one block.
 
 
 def _block_len(t: int, block: int) -> int:
-  return block if t > block and t % block == 0 else t
+  """Query block length: `block`, else 64 or T/8 (at most 8 unrolled blocks); T if not a divisor."""
+  q = block or max(64, t // 8)
+  return q if t > q and t % q == 0 else t
 
 
 def _mask_QxS(segment_ids_BxT: jax.Array, i: int, q: int) -> jax.Array:
@@ -129,9 +130,12 @@ def blockwise_attention(
   k_BxTxKxH: jax.Array,
   v_BxTxKxH: jax.Array,
   segment_ids_BxT: jax.Array,
-  block: int = BLOCK,
+  block: int = 0,
 ) -> jax.Array:
-  """Causal, segment-masked GQA self-attention [B, T, N, H]; equals `xla_attention`."""
+  """Causal, segment-masked GQA self-attention [B, T, N, H]; equals `xla_attention`.
+
+  `block` is the query block length (0: 64, or T/8 for long sequences).
+  """
   b, t, n, h = q_BxTxNxH.shape
   kh = k_BxTxKxH.shape[2]
   q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h**-0.5, q_BxTxNxH.dtype)).reshape(b, t, kh, n // kh, h)

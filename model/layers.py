@@ -16,7 +16,7 @@ import numpy as np
 
 from model.attention import dot_product_attention
 from model.config import ModelConfig
-from model.matmul import dense
+from model.matmul import dense, dense_many
 
 
 class Linear(nn.Module):
@@ -33,7 +33,8 @@ class Linear(nn.Module):
   num_in: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, kernel_only: bool = False) -> jax.Array:
+    """The projection of `x`; with `kernel_only`, just the kernel (cast) for `dense_many`."""
     n_in, n_out = self.num_in, len(self.features)
     init = nn.initializers.variance_scaling(
       1.0,
@@ -46,6 +47,8 @@ class Linear(nn.Module):
     kernel = self.param(
       "kernel", nn.with_logical_partitioning(init, self.logical_axes), shape, self.param_dtype
     )
+    if kernel_only:
+      return kernel.astype(self.dtype)
     return dense(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
 
 
@@ -119,12 +122,14 @@ class Attention(nn.Module):
       num_in,
       name=name,
     )
-    q_BxTxNxH = dense("q", (c.num_heads, c.head_dim), 1, ("embed", "heads", "head_dim"))(x_BxTxD)
-    k_BxTxKxH = dense("k", (c.num_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"))(
-      x_BxTxD
+    kernels = (
+      dense("q", (c.num_heads, c.head_dim), 1, ("embed", "heads", "head_dim")),
+      dense("k", (c.num_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim")),
+      dense("v", (c.num_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim")),
     )
-    v_BxTxKxH = dense("v", (c.num_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"))(
-      x_BxTxD
+    # One call, so the CPU backward transposes x once for the three weight gradients.
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = dense_many(
+      x_BxTxD.astype(c.compute_dtype), tuple(w(x_BxTxD, kernel_only=True) for w in kernels)
     )
     q_BxTxNxH = nn.with_logical_constraint(
       q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None)
@@ -198,8 +203,10 @@ class MLP(nn.Module):
     dense = lambda name, features, logical: Linear(
       (features,), logical, c.compute_dtype, c.weight_dtype, name=name
     )
-    gate_BxTxF = dense("gate", c.mlp_dim, ("embed", "mlp"))(x_BxTxD)
-    up_BxTxF = dense("up", c.mlp_dim, ("embed", "mlp"))(x_BxTxD)
+    kernels = tuple(
+      dense(name, c.mlp_dim, ("embed", "mlp"))(x_BxTxD, kernel_only=True) for name in ("gate", "up")
+    )
+    gate_BxTxF, up_BxTxF = dense_many(x_BxTxD.astype(c.compute_dtype), kernels)
     h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = nn.with_logical_constraint(
       h_BxTxF, ("activation_batch", "activation_length", "activation_mlp")

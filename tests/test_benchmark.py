@@ -138,7 +138,7 @@ def _assert_matches_reference(attend, q, k, v, w, seg):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 
-@pytest.mark.parametrize("block", [32, 128, 256, 100])
+@pytest.mark.parametrize("block", [0, 32, 128, 256, 100])
 def test_blockwise_attention_equals_the_reference(block):
   q, k, v, w, seg = _qkv()
   _assert_matches_reference(

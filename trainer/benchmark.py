@@ -72,16 +72,26 @@ def cpu_device_count(config: Any, cores: int) -> int:
 
 
 def cpu_matmul_peak(devices: list[Any], sizes: tuple[int, ...] = (1024, 2048)) -> float:
-  """fp32 matmul FLOP/s of the host: the same matmul on every CPU device at once, best of 3."""
-  matmul = jax.jit(lambda a: a @ a)
+  """fp32 matmul FLOP/s of the whole host, best of 3: one independent matmul per core at once.
+
+  XLA:CPU runs a matmul on one thread; independent ones in one program run side by side, and
+  so do programs on different CPU devices.
+  """
+  cores = len(os.sched_getaffinity(0))
+  per_device = max(cores // len(devices), 1)
+  matmuls = jax.jit(lambda xs: [x @ x for x in xs])
   best = 0.0
   for n in sizes:
-    xs = [jax.device_put(jnp.ones((n, n), jnp.float32), d) for d in devices]
-    jax.block_until_ready([matmul(x) for x in xs])
+    xs = [
+      [jax.device_put(jnp.full((n, n), i + 1.0, jnp.float32), d) for i in range(per_device)]
+      for d in devices
+    ]
+    jax.block_until_ready([matmuls(x) for x in xs])
     for _ in range(3):
       t0 = time.perf_counter()
-      jax.block_until_ready([matmul(x) for x in xs])
-      best = max(best, len(xs) * 2 * n**3 / (time.perf_counter() - t0))
+      jax.block_until_ready([matmuls(x) for x in xs])
+      flop = len(devices) * per_device * 2 * n**3
+      best = max(best, flop / (time.perf_counter() - t0))
   return best
 
 
