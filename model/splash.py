@@ -33,8 +33,10 @@ def splash_unsupported(head_dim: int, seq_len: int) -> str | None:
   return None
 
 
-@functools.cache
 def _kernel(num_heads: int, seq_len: int, interpret: bool) -> kernel_lib.SplashAttentionKernel:
+  """The kernel for one device's heads."""
+  # Built per trace (not cached): its mask tables become that trace's constants. Concrete
+  # cached tables cannot be made while AOT-compiling for compile-only TPU devices.
   block = next(b for b in _BLOCKS if seq_len % b == 0)
   sizes = kernel_lib.BlockSizes(
     block_q=block,
@@ -49,11 +51,9 @@ def _kernel(num_heads: int, seq_len: int, interpret: bool) -> kernel_lib.SplashA
   causal = mask_lib.MultiHeadMask(
     [mask_lib.CausalMask((seq_len, seq_len)) for _ in range(num_heads)]
   )
-  # Concrete mask tables, so the cached kernel never holds one trace's tracers.
-  with jax.ensure_compile_time_eval():
-    return kernel_lib.make_splash_mha(
-      causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+  return kernel_lib.make_splash_mha(
+    causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
 
 
 def _local_attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, kernel):
@@ -95,7 +95,7 @@ def splash_attention(
     out_BxNxTxH = _local_attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, kernel)
   else:
     batch, heads = nn.logical_to_mesh_axes(("activation_batch", "activation_heads"))
-    # Built outside shard_map, so its mask tables are constants rather than shard_map tracers.
+    # Built outside shard_map: its mask tables are the enclosing trace's, closed over.
     kernel = _kernel(n // _size(mesh, heads), t, interpret)
     heads_spec = PartitionSpec(batch, heads, None, None)
     out_BxNxTxH = jax.shard_map(
