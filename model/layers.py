@@ -192,6 +192,25 @@ class Attention(nn.Module):
     )
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up; the backward recomputes the sigmoid, so only gate and up are saved."""
+  return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dh):
+  gate, up = residuals
+  sig = jax.nn.sigmoid(gate)
+  return dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -207,7 +226,7 @@ class MLP(nn.Module):
       dense(name, c.mlp_dim, ("embed", "mlp"))(x_BxTxD, kernel_only=True) for name in ("gate", "up")
     )
     gate_BxTxF, up_BxTxF = dense_many(x_BxTxD.astype(c.compute_dtype), kernels)
-    h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    h_BxTxF = swiglu(gate_BxTxF, up_BxTxF)
     h_BxTxF = nn.with_logical_constraint(
       h_BxTxF, ("activation_batch", "activation_length", "activation_mlp")
     )
