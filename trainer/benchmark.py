@@ -6,9 +6,10 @@ Compiles the jitted, state-donating train step, runs warm-up steps, then times `
 `--rounds` rounds and reports the median round. Prints a table and, last, one JSON line with
 tokens_per_sec, step_time_s, model_flops_per_token, mfu, compile_s, peak_memory_bytes and device.
 On an accelerator the MFU is against the device's dense bf16 peak (trainer/flops.py); on CPU it is
-against the fp32 matmul peak measured in the same run, with the same matmul running on every CPU
-device at once. On CPU the host's cores become that many JAX devices and the batch is split over
-them (data parallel): XLA:CPU runs each matmul on one thread, so that is how a step uses them all.
+against the host's fp32 matmul peak measured before every round (one independent matmul per core
+at once; the best counts). On CPU the host's cores become that many JAX devices and the batch is
+split over them (data parallel): XLA:CPU runs each matmul on one thread, so that is how a step
+uses them all. The next synthetic batch is built while the dispatched step runs.
 
 With --compare_torch, a child process trains `transformers.LlamaForCausalLM` with
 `torch.optim.AdamW` (same shapes, batch, loss, clipping and weight-decay mask, as many threads as
