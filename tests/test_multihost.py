@@ -1,9 +1,12 @@
-"""Two processes x 4 devices train exactly like one process x 8, and share one checkpoint."""
+"""Two processes x 4 devices train exactly like one process x 8, survive a SIGTERM together (a
+simulated preemption), and share one checkpoint."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +17,12 @@ from trainer.loop import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+STEPS = 8
 FLAGS = [
-  "--config.steps={steps}",
+  f"--config.steps={STEPS}",
   "--config.log_every=1",
-  "--config.checkpoint_every=3",
-  "--config.optimizer.decay_steps=6",
+  "--config.checkpoint_every=0",
+  f"--config.optimizer.decay_steps={STEPS}",
   "--config.mesh.data=2",
   "--config.mesh.fsdp=2",
   "--config.mesh.tensor=2",
@@ -28,7 +32,7 @@ FLAGS = [
 losses = train_losses
 
 
-def launch_two_hosts(workdir: Path, steps: int) -> str:
+def start_two_hosts(workdir: Path) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=str(REPO))
   for k in distributed.LAUNCHER_VARS:
     env.pop(k, None)
@@ -44,39 +48,61 @@ def launch_two_hosts(workdir: Path, steps: int) -> str:
     "trainer.train",
     "--config=tests/tiny_run.py",
     f"--workdir={workdir}",
-    *[f.format(steps=steps) for f in FLAGS],
+    *FLAGS,
   ]
-  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return result.stdout + result.stderr
-
-
-def test_two_hosts_match_one_host_and_resume_together(tmp_path):
-  one = tmp_path / "one"
-  train_and_evaluate(
-    tiny_config(steps=6, log_every=1, **{"optimizer.decay_steps": 6}, **MESH), str(one)
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
+
+
+def finish(proc: subprocess.Popen) -> str:
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-6000:]
+  return out
+
+
+def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: float = 400) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (workdir / "metrics.jsonl").exists() and any(s >= step for s in losses(workdir)):
+      return
+    assert proc.poll() is None, proc.communicate()[0][-6000:]
+    time.sleep(0.1)
+  raise AssertionError(f"step {step} not reached")
+
+
+def one_host(workdir: Path) -> None:
+  config = tiny_config(steps=STEPS, log_every=1, **{"optimizer.decay_steps": STEPS}, **MESH)
+  train_and_evaluate(config, str(workdir))
+
+
+def test_two_hosts_match_one_host_survive_sigterm_and_resume_together(tmp_path):
+  one = tmp_path / "one"
+  one_host(one)
   reference = losses(one)
 
+  # SIGTERM to the launcher reaches both hosts; they agree on a step, save it together, exit 0.
   two = tmp_path / "two"
-  launch_two_hosts(two, steps=3)
-  assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+  proc = start_two_hosts(two)
+  wait_for_step(two, 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  out = finish(proc)
+  assert "Preempted (SIGTERM): saved step" in out, out[-3000:]
+  saved = [int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved
+  stopped = saved[0]
   copy = tmp_path / "copy"
   shutil.copytree(two, copy)
 
-  out = launch_two_hosts(two, steps=6)
-  assert "Resumed from step 3" in out
+  out = finish(start_two_hosts(two))
+  assert f"Resumed from step {stopped}" in out
   got = losses(two)
-  assert sorted(got) == list(range(1, 7))
-  np.testing.assert_allclose(
-    [got[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=1e-5
-  )
+  assert sorted(got) == list(range(1, STEPS + 1))
+  steps = range(1, STEPS + 1)
+  np.testing.assert_allclose([got[s] for s in steps], [reference[s] for s in steps], rtol=1e-5)
 
   # The checkpoint the two hosts wrote together also resumes on one host of 8 devices.
-  train_and_evaluate(
-    tiny_config(steps=6, log_every=1, **{"optimizer.decay_steps": 6}, **MESH), str(copy)
-  )
+  one_host(copy)
   got = losses(copy)
-  np.testing.assert_allclose(
-    [got[s] for s in range(4, 7)], [reference[s] for s in range(4, 7)], rtol=1e-5
-  )
+  steps = range(stopped + 1, STEPS + 1)
+  np.testing.assert_allclose([got[s] for s in steps], [reference[s] for s in steps], rtol=1e-5)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from configs import tiny
-from launch import aot
+from launch import aot, report
 from launch import plan as plan_lib
 from launch import topology as topo_lib
 
@@ -150,4 +150,4 @@ def test_search_lists_fitting_plans_by_mfu():
   assert all(r["global_batch_size"] == 8 for r in fitting)
   mfus = [r["est_mfu"] for r in fitting]
   assert mfus == sorted(mfus, reverse=True)
-  assert "none" in plan_lib.format_search(results)
+  assert "none" in report.format_search(results)
