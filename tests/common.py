@@ -7,7 +7,22 @@ from pathlib import Path
 import ml_collections
 
 from configs import base
+from model import ModelConfig
 from trainer.metrics import read_jsonl
+
+# A two-layer GQA model for model-level tests (fp32 by default, XLA attention everywhere).
+TINY_MODEL = ModelConfig(
+  vocab_size=128,
+  embed_dim=64,
+  mlp_dim=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  rope_theta=10000.0,
+  max_seq_len=64,
+  attention="xla",
+)
 
 
 def train_losses(workdir: Path) -> dict[int, float]:

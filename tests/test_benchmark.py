@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from model import Llama3, ModelConfig
+from model import Llama3
 from model.attention import (
   attention_mask,
   cudnn_attention,
@@ -21,7 +21,7 @@ from model.attention import (
 from model.blockwise import blockwise_attention
 from model.matmul import dense
 from model.splash import splash_attention
-from tests.common import tiny_config
+from tests.common import TINY_MODEL, tiny_config
 from trainer.benchmark import cpu_device_count
 
 TINY_FLAGS = [
@@ -186,18 +186,7 @@ def test_describe_attention_names_the_cpu_kernel():
   assert describe_attention("splash").startswith("splash")
 
 
-MODEL = ModelConfig(
-  vocab_size=128,
-  embed_dim=64,
-  mlp_dim=128,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=16,
-  rope_theta=10000.0,
-  max_seq_len=64,
-  attention="xla",
-)
+MODEL = TINY_MODEL
 
 
 @pytest.mark.parametrize("scan", [True, False])

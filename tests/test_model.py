@@ -11,20 +11,9 @@ from flax.linen import meta
 
 from model import Llama3, ModelConfig
 from model.hf import stack_layers, unstack_layers
+from tests.common import TINY_MODEL
 
-TINY = ModelConfig(
-  vocab_size=128,
-  embed_dim=64,
-  mlp_dim=128,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=16,
-  rope_theta=10000.0,
-  max_seq_len=64,
-  remat="none",
-  attention="xla",
-)
+TINY = TINY_MODEL.replace(remat="none")
 
 
 def _params(config: ModelConfig, seed: int = 0) -> dict:
