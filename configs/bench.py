@@ -4,8 +4,8 @@ python -m trainer.benchmark --config=configs/bench.py
 
 On a CPU host this runs as one JAX device whose matmuls use every core, with the batch in four
 microbatches of 2 rows: a microbatch's [512, 8192] fp32 logits (16 MiB) then stay within a 32 MiB
-L3 cache. Measured on a 2-core EPYC: 980-1,070 tokens/s this way, against 850-960 with one
-device per core and the whole batch at once (data parallel, no accumulation).
+L3 cache. Measured on a 2-core EPYC: 962-1,066 tokens/s this way (8 runs), against 889-953 (7
+runs) with one device per core and the whole batch at once (data parallel, no accumulation).
 """
 
 from configs import base
