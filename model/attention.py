@@ -9,9 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.blockwise import blockwise_attention
-
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+from model.blockwise import NEG_INF, blockwise_attention
 
 
 def resolve_implementation(implementation: str) -> str:
@@ -100,7 +98,7 @@ def xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS) -> jax.Array:
   logits_BxKxGxTxS = jnp.einsum(
     "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
   )
-  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _NEG_INF)
+  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, NEG_INF)
   probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
   out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
   return out_BxTxKxGxH.reshape(b, t, n, h)
@@ -145,15 +143,13 @@ def dot_product_attention(
   if segment_ids_BxT is None:
     segment_ids_BxT = jnp.ones((b, t), jnp.int32)
   impl, _ = select_implementation(implementation, q_BxTxNxH.shape[-1], t, q_BxTxNxH.dtype)
-  if kv_segment_ids_BxS is None and impl == "cudnn":
-    return cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
-  if kv_segment_ids_BxS is None and impl == "splash":
-    from model.splash import splash_attention  # TPU-only imports stay off other backends.
+  if kv_segment_ids_BxS is None:
+    if impl == "cudnn":
+      return cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
+    if impl == "splash":
+      from model.splash import splash_attention  # TPU-only imports stay off other backends.
 
-    return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
-  cache = kv_segment_ids_BxS is not None
-  if not cache:
+      return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
     return blockwise_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
-  kv_seg = kv_segment_ids_BxS if cache else segment_ids_BxT
-  mask = attention_mask(segment_ids_BxT, kv_seg, q_offset, cache=cache)
+  mask = attention_mask(segment_ids_BxT, kv_segment_ids_BxS, q_offset, cache=True)
   return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)

@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # Masked logits; finite, so no inf - inf.
 _F32 = jnp.float32
 
 
@@ -48,7 +48,7 @@ def _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT, block):
       "bkgqh,bksh->bkgqs", q_BxKxGxQxH, k_BxKxTxH[:, :, :s], preferred_element_type=_F32
     )
     mask_Bx1x1xQxS = _mask_QxS(segment_ids_BxT, i, q)[:, None, None]
-    logits_BxKxGxQxS = jnp.where(mask_Bx1x1xQxS, logits_BxKxGxQxS, _NEG_INF)
+    logits_BxKxGxQxS = jnp.where(mask_Bx1x1xQxS, logits_BxKxGxQxS, NEG_INF)
     max_BxKxGxQ = jnp.max(logits_BxKxGxQxS, axis=-1)
     p_BxKxGxQxS = jnp.exp(logits_BxKxGxQxS - max_BxKxGxQ[..., None])
     sum_BxKxGxQ = jnp.sum(p_BxKxGxQxS, axis=-1)
