@@ -1,6 +1,7 @@
 """The distributed trainer: mesh equivalence, sharding rules, accumulation, metrics, errors."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -98,12 +99,15 @@ def test_mesh_that_does_not_fit_is_one_clear_error():
     create_mesh(config.mesh)
 
 
-def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch):
+def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, caplog):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
   config = tiny_config(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
   monkeypatch.chdir(tmp_path)  # A relative --workdir, as `make train` passes.
-  train_and_evaluate(config, "run")
+  with caplog.at_level(logging.INFO):
+    train_and_evaluate(config, "run")
+  # The kernel that ran, as the model selected it (XLA on CPU, whatever model.attention says).
+  assert "Attention: xla (blockwise causal attention" in caplog.text
   tmp_path = tmp_path / "run"
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ from etils import epath
 
 from data import create_pipeline
 from model import Llama3
-from model.attention import resolve_implementation
+from model.attention import describe_attention
 from trainer import flops, optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
@@ -80,11 +80,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       f"{mcfg.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}."
     )
   model = Llama3(mcfg)
-  logging.info(
-    "Attention implementation: %s (model.attention=%r).",
-    resolve_implementation(mcfg.attention),
-    mcfg.attention,
+  attention = describe_attention(
+    mcfg.attention, head_dim=mcfg.head_dim, seq_len=config.seq_len, dtype=mcfg.dtype
   )
+  logging.info("Attention: %s.", attention)
   schedule = optimizer.learning_rate_schedule(config)
   tx = optimizer.make_optimizer(config)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
