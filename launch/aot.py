@@ -147,33 +147,12 @@ def compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool
     return _compile_step(config, devices, hbm_bytes, with_hlo)
 
 
-def _prebuild_splash(config: Any, mesh: Any, rules: list) -> None:
-  """Builds (and caches) the splash kernel outside the mesh.
-
-  Splash makes concrete mask tables while tracing, and no concrete array can be made under a
-  mesh of compile-only devices; model/splash.py could build them with numpy instead.
-  """
-  try:
-    from model import splash  # noqa: PLC0415 - Pallas TPU imports only when planning for TPU.
-  except ImportError:
-    return
-  axes = dict(rules).get("activation_heads")
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  heads = config.model.num_heads // math.prod(mesh.shape[a] for a in axes)
-  try:
-    splash._kernel(heads, config.seq_len, False)
-  except Exception:  # Shapes splash does not take: the model falls back to XLA attention.
-    pass
-
-
 def _compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: bool):
   validate(config)
   mesh = create_mesh(config.mesh, devices)
   check_batch_fits_mesh(config, mesh)
   model = Llama3(state_lib.model_config(config))
   rules = state_lib.logical_rules(config)
-  if devices[0].platform == "tpu" and config.model.attention in ("auto", "splash"):
-    _prebuild_splash(config, mesh, rules)
   tx = optimizer.make_optimizer(config)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
   state = state_lib.abstract_state(model, tx, shardings)

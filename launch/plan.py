@@ -39,8 +39,6 @@ def attention_kernel(config: Any, platform: str = "tpu") -> str:
   """The attention kernel the model runs for `config` on `platform` (e.g. splash on TPU)."""
   from model import attention  # noqa: PLC0415
 
-  if not hasattr(attention, "select_implementation"):
-    return attention.resolve_implementation(config.model.attention)
   with aot.traced_as(platform):
     impl, why = attention.select_implementation(
       config.model.attention, config.model.head_dim, config.seq_len, config.model.dtype

@@ -113,6 +113,24 @@ def test_tiny_plan_fits_with_loop_corrected_costs():
   assert result["compile_s"] > 0
 
 
+def test_auto_attention_plans_splash_with_heads_split_over_tensor():
+  # head_dim 64 and seq 128 are shapes splash takes; its kernel is traced for the compile-only
+  # TPU devices, inside shard_map (heads over `tensor`), with no concrete mask tables.
+  overrides = [
+    *TINY,
+    "model.head_dim=64",
+    "model.attention=auto",
+    "model.scan_layers=False",
+    "loss_chunk_size=0",
+    "mesh.data=4",
+    "mesh.tensor=2",
+  ]
+  result = plan_lib.plan(_config(overrides), topo_lib.parse("v5e-8"))
+  assert result["attention"] == "splash" and result["fits"]
+  assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert any(note.startswith("splash kernel FLOPs added") for note in result["notes"])
+
+
 def test_oversized_batch_does_not_fit_and_exits_3():
   proc = _cli(
     "--topology=v5e-8",
