@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.common import tiny_config, train_losses
+from tests.common import tiny_config
+from tests.common import train_losses as losses
 from trainer import distributed
 from trainer.loop import train_and_evaluate
 
@@ -27,9 +28,6 @@ FLAGS = [
   "--config.mesh.fsdp=2",
   "--config.mesh.tensor=2",
 ]
-
-
-losses = train_losses
 
 
 def start_two_hosts(workdir: Path) -> subprocess.Popen:

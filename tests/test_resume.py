@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data import create_pipeline
 from data.prepare import prepare
 from model import Llama3
-from tests.common import tiny_config, train_losses
+from tests.common import tiny_config
+from tests.common import train_losses as losses
 from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.checkpoint import CheckpointMismatchError, restore_params
@@ -58,9 +59,6 @@ def config(**overrides):
     "model.vocab_size": 320,
   }
   return tiny_config(**{**base, **overrides})
-
-
-losses = train_losses
 
 
 @pytest.fixture(scope="module")

@@ -162,13 +162,14 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
 
   from model import Llama3  # noqa: PLC0415
 
-  config_path = absolute(workdir) / "config.json"
+  run_dir = absolute(workdir)
+  config_path = run_dir / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} does not exist; pass the --workdir of a training run.")
   model_dict = json.loads(config_path.read_text())["model"]
   mcfg = ModelConfig(**model_dict)
   manager = ocp.CheckpointManager(
-    absolute(workdir) / "checkpoints",
+    run_dir / "checkpoints",
     item_names=("state", "data", "config"),
     options=ocp.CheckpointManagerOptions(read_only=True),
   )
