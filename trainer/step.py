@@ -1,4 +1,4 @@
-"""The pure train and eval steps: chunked cross-entropy, z-loss, gradient accumulation.
+"""The pure train and eval steps: the loss (trainer/loss.py), z-loss, gradient accumulation.
 
 Dimension key: B batch, T length, D embed_dim, V vocab, A microbatches, C loss chunk length.
 """
@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.batching import BATCH_KEYS, batch_sharding
 from model import Llama3, output_kernel
-from model.matmul import dense
+from trainer.loss import head_loss, token_cross_entropy
 from trainer.state import TrainState
 
 
@@ -35,88 +35,21 @@ def eval_metrics_class() -> type:
   return EvalMetrics
 
 
-@jax.custom_vjp
-def cross_entropy_and_lse(
-  logits_BxCxV: jax.Array, targets_BxC: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """(cross-entropy, log-partition) per token, with a one-pass gradient.
-
-  Autodiff of `take_along_axis` scatters the targets' one-hot into a fresh [B, C, V] array and
-  adds it to the softmax gradient: two extra logits-sized passes (64 MB each on the benchmark).
-  """
-  return _cross_entropy_fwd(logits_BxCxV, targets_BxC)[0]
-
-
-def _cross_entropy_fwd(logits_BxCxV, targets_BxC):
-  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-  target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  return (lse_BxC - target_BxC, lse_BxC), (logits_BxCxV, targets_BxC, lse_BxC)
-
-
-def _cross_entropy_bwd(residuals, cotangents):
-  logits_BxCxV, targets_BxC, lse_BxC = residuals
-  d_ce_BxC, d_lse_BxC = cotangents
-  probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
-  vocab_V = jax.lax.broadcasted_iota(targets_BxC.dtype, logits_BxCxV.shape, 2)
-  onehot_BxCxV = vocab_V == targets_BxC[..., None]
-  d_logits_BxCxV = probs_BxCxV * (d_ce_BxC + d_lse_BxC)[..., None] - jnp.where(
-    onehot_BxCxV, d_ce_BxC[..., None], 0.0
-  )
-  return d_logits_BxCxV.astype(logits_BxCxV.dtype), None
-
-
-cross_entropy_and_lse.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
-def token_cross_entropy(
-  hidden_BxTxD: jax.Array, kernel_DxV: jax.Array, targets_BxT: jax.Array, chunk: int
-) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross-entropy and log-partition [B, T], computing logits C tokens at a time.
-
-  Each chunk is rematerialized in the backward pass, so [B, T, V] fp32 logits never exist at
-  once: with a 128K vocabulary they would outweigh the rest of the activations.
-  """
-  b, t, d = hidden_BxTxD.shape
-  kernel_DxV = kernel_DxV.astype(hidden_BxTxD.dtype)
-
-  def chunk_ce(h_BxCxD, tgt_BxC):
-    logits_BxCxV = dense(h_BxCxD, kernel_DxV, 1, jnp.float32)
-    logits_BxCxV = nn.with_logical_constraint(
-      logits_BxCxV, ("activation_batch", "activation_length", "activation_vocab")
-    )
-    return cross_entropy_and_lse(logits_BxCxV, tgt_BxC)
-
-  if chunk <= 0 or chunk >= t or t % chunk:
-    return chunk_ce(hidden_BxTxD, targets_BxT)
-  n = t // chunk
-  h_NxBxCxD = hidden_BxTxD.reshape(b, n, chunk, d).swapaxes(0, 1)
-  tgt_NxBxC = targets_BxT.reshape(b, n, chunk).swapaxes(0, 1)
-  _, (ce_NxBxC, lse_NxBxC) = jax.lax.scan(
-    lambda _, xs: (None, jax.checkpoint(chunk_ce)(*xs)), None, (h_NxBxCxD, tgt_NxBxC)
-  )
-  return ce_NxBxC.swapaxes(0, 1).reshape(b, t), lse_NxBxC.swapaxes(0, 1).reshape(b, t)
-
-
-def _forward(model: Llama3, params: Any, batch: dict[str, jax.Array], chunk: int):
-  hidden_BxTxD = model.apply(
+def _hidden(model: Llama3, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  return model.apply(
     {"params": params},
     batch["inputs"],
     batch["positions"],
     batch["segment_ids"],
     return_hidden=True,
   )
-  return token_cross_entropy(
-    hidden_BxTxD, output_kernel(model.config, params), batch["targets"], chunk
-  )
 
 
 def _loss_sums(params, batch, model: Llama3, chunk: int, z_loss: float):
   """(objective to differentiate, (cross-entropy sum, z-loss sum)), summed over real tokens."""
-  ce_BxT, lse_BxT = _forward(model, params, batch, chunk)
-  mask_BxT = batch["loss_mask"]
-  ce_sum = jnp.sum(ce_BxT * mask_BxT)
-  z_sum = jnp.sum(jnp.square(lse_BxT) * mask_BxT)
-  return ce_sum + z_loss * z_sum, (ce_sum, z_sum)
+  hidden_BxTxD = _hidden(model, params, batch)
+  kernel_DxV = output_kernel(model.config, params)
+  return head_loss(hidden_BxTxD, kernel_DxV, batch["targets"], batch["loss_mask"], chunk, z_loss)
 
 
 def train_step(
@@ -170,7 +103,9 @@ def train_step(
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Llama3, chunk: int) -> Any:
   """Cross-entropy of one held-out batch as a mergeable CLU metric."""
-  ce_BxT, _ = _forward(model, params, batch, chunk)
+  hidden_BxTxD = _hidden(model, params, batch)
+  kernel_DxV = output_kernel(model.config, params)
+  ce_BxT, _ = token_cross_entropy(hidden_BxTxD, kernel_DxV, batch["targets"], chunk)
   return eval_metrics_class().single_from_model_output(eval_loss=ce_BxT, mask=batch["loss_mask"])
 
 

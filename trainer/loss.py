@@ -1,0 +1,190 @@
+"""Cross-entropy over a large vocabulary, C tokens at a time, never with [B, T, V] fp32 logits.
+
+Training uses `head_loss`: the output head and the loss in one function whose forward pass
+also computes the head's gradients, chunk by chunk, so the backward pass recomputes nothing.
+Evaluation uses `token_cross_entropy`, which keeps the per-token values.
+
+Dimension key: B batch, T length, D embed_dim, V vocab, N chunks, C chunk length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.matmul import dense
+
+_LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def _logits(h_BxCxD: jax.Array, kernel_DxV: jax.Array) -> jax.Array:
+  """fp32 logits from hidden states in their compute dtype (the kernel is cast to it)."""
+  logits_BxCxV = dense(h_BxCxD, kernel_DxV.astype(h_BxCxD.dtype), 1, jnp.float32)
+  return nn.with_logical_constraint(logits_BxCxV, _LOGITS_AXES)
+
+
+def _num_chunks(t: int, chunk: int) -> int:
+  """How many chunks of `chunk` tokens split a length-`t` sequence (1: no chunking)."""
+  return t // chunk if 0 < chunk < t and t % chunk == 0 else 1
+
+
+def _split(x_BxT: jax.Array, n: int) -> jax.Array:
+  """[B, T, ...] -> [N, B, T / N, ...]."""
+  b, t = x_BxT.shape[:2]
+  return x_BxT.reshape(b, n, t // n, *x_BxT.shape[2:]).swapaxes(0, 1)
+
+
+def _merge(x_NxBxC: jax.Array) -> jax.Array:
+  """[N, B, C, ...] -> [B, N * C, ...], the inverse of `_split`."""
+  n, b, c = x_NxBxC.shape[:3]
+  return x_NxBxC.swapaxes(0, 1).reshape(b, n * c, *x_NxBxC.shape[3:])
+
+
+@jax.custom_vjp
+def cross_entropy_and_lse(
+  logits_BxCxV: jax.Array, targets_BxC: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(cross-entropy, log-partition) per token, with a one-pass gradient.
+
+  Autodiff of `take_along_axis` scatters the targets' one-hot into a fresh [B, C, V] array and
+  adds it to the softmax gradient: two extra logits-sized passes (64 MB each on the benchmark).
+  """
+  return _cross_entropy_fwd(logits_BxCxV, targets_BxC)[0]
+
+
+def _cross_entropy_fwd(logits_BxCxV, targets_BxC):
+  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+  target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+  return (lse_BxC - target_BxC, lse_BxC), (logits_BxCxV, targets_BxC, lse_BxC)
+
+
+def _cross_entropy_bwd(residuals, cotangents):
+  logits_BxCxV, targets_BxC, lse_BxC = residuals
+  d_ce_BxC, d_lse_BxC = cotangents
+  probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+  vocab_V = jax.lax.broadcasted_iota(targets_BxC.dtype, logits_BxCxV.shape, 2)
+  onehot_BxCxV = vocab_V == targets_BxC[..., None]
+  d_logits_BxCxV = probs_BxCxV * (d_ce_BxC + d_lse_BxC)[..., None] - jnp.where(
+    onehot_BxCxV, d_ce_BxC[..., None], 0.0
+  )
+  return d_logits_BxCxV.astype(logits_BxCxV.dtype), None
+
+
+cross_entropy_and_lse.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def token_cross_entropy(
+  hidden_BxTxD: jax.Array, kernel_DxV: jax.Array, targets_BxT: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy and log-partition [B, T], computing logits C tokens at a time.
+
+  Differentiable (each chunk is rematerialized in the backward pass), but training uses
+  `head_loss`, which needs no second pass over the head.
+  """
+  n = _num_chunks(hidden_BxTxD.shape[1], chunk)
+  if n == 1:
+    return cross_entropy_and_lse(_logits(hidden_BxTxD, kernel_DxV), targets_BxT)
+
+  def body(_, xs):
+    h_BxCxD, tgt_BxC = xs
+    return None, jax.checkpoint(lambda h, t: cross_entropy_and_lse(_logits(h, kernel_DxV), t))(
+      h_BxCxD, tgt_BxC
+    )
+
+  _, (ce_NxBxC, lse_NxBxC) = jax.lax.scan(
+    body, None, (_split(hidden_BxTxD, n), _split(targets_BxT, n))
+  )
+  return _merge(ce_NxBxC), _merge(lse_NxBxC)
+
+
+def head_loss(
+  hidden_BxTxD: jax.Array,
+  kernel_DxV: jax.Array,
+  targets_BxT: jax.Array,
+  weights_BxT: jax.Array,
+  chunk: int,
+  z_loss: float,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """(objective, (cross-entropy sum, z-loss sum)) of the output head, weighted per token.
+
+  The objective is sum(w * ce) + z_loss * sum(w * lse^2). Its gradient with respect to the
+  hidden states, the kernel and the weights is computed in the forward pass, C tokens at a time:
+  the backward pass only scales it, so no chunk's logits are computed twice (the rematerialized
+  `token_cross_entropy` computes each chunk's head matmul twice, a third more head FLOPs). The
+  kernel's gradient is summed over chunks in fp32. The two sums are metrics and carry no
+  gradient.
+  """
+  objective, sums = _head_loss(hidden_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, z_loss)
+  return objective, jax.lax.stop_gradient(sums)
+
+
+def _weighted_sums(ce_BxT, lse_BxT, weights_BxT, z_loss):
+  ce_sum = jnp.sum(ce_BxT * weights_BxT)
+  z_sum = jnp.sum(jnp.square(lse_BxT) * weights_BxT)
+  return ce_sum + z_loss * z_sum, (ce_sum, z_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_loss(hidden_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, z_loss):
+  ce_BxT, lse_BxT = token_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk)
+  return _weighted_sums(ce_BxT, lse_BxT, weights_BxT, z_loss)
+
+
+def _chunk_value_and_grads(h_BxCxD, kernel_DxV, tgt_BxC, w_BxC, z_loss):
+  """(ce, lse, d hidden, d kernel) of one chunk; d kernel in the kernel's dtype."""
+  logits_BxCxV, vjp = jax.vjp(_logits, h_BxCxD, kernel_DxV)
+  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+  ce_BxC = lse_BxC - jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
+  probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+  vocab_V = jax.lax.broadcasted_iota(tgt_BxC.dtype, logits_BxCxV.shape, 2)
+  # d/dlogits of w * (lse - logit[target]) + z * w * lse^2.
+  scale_BxC = w_BxC * (1.0 + 2.0 * z_loss * lse_BxC)
+  d_logits_BxCxV = probs_BxCxV * scale_BxC[..., None] - jnp.where(
+    vocab_V == tgt_BxC[..., None], w_BxC[..., None], 0.0
+  )
+  dh_BxCxD, dk_DxV = vjp(d_logits_BxCxV)
+  return ce_BxC, lse_BxC, dh_BxCxD, dk_DxV
+
+
+def _head_loss_fwd(hidden_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, z_loss):
+  n = _num_chunks(hidden_BxTxD.shape[1], chunk)
+  kernel32_DxV = kernel_DxV.astype(jnp.float32)  # Per-chunk kernel gradients arrive in fp32.
+  if n == 1:
+    ce_BxT, lse_BxT, dh_BxTxD, dk_DxV = _chunk_value_and_grads(
+      hidden_BxTxD, kernel32_DxV, targets_BxT, weights_BxT, z_loss
+    )
+  else:
+
+    def body(dk_DxV, xs):
+      ce, lse, dh, dk = _chunk_value_and_grads(xs[0], kernel32_DxV, xs[1], xs[2], z_loss)
+      dk_DxV = nn.with_logical_constraint(dk_DxV + dk, ("embed", "vocab"))
+      return dk_DxV, (ce, lse, dh)
+
+    chunks = tuple(_split(x, n) for x in (hidden_BxTxD, targets_BxT, weights_BxT))
+    dk_DxV, (ce_NxBxC, lse_NxBxC, dh_NxBxCxD) = jax.lax.scan(
+      body, jnp.zeros_like(kernel32_DxV), chunks
+    )
+    ce_BxT, lse_BxT, dh_BxTxD = _merge(ce_NxBxC), _merge(lse_NxBxC), _merge(dh_NxBxCxD)
+  out = _weighted_sums(ce_BxT, lse_BxT, weights_BxT, z_loss)
+  # d objective / d w is the token's own loss term.
+  dw_BxT = ce_BxT + z_loss * jnp.square(lse_BxT)
+  return out, (dh_BxTxD, dk_DxV.astype(kernel_DxV.dtype), dw_BxT.astype(weights_BxT.dtype))
+
+
+def _head_loss_bwd(chunk, z_loss, residuals, cotangents):
+  # `head_loss` stops the sums' gradients, so the objective's cotangent is the only one.
+  del chunk, z_loss
+  g = cotangents[0]
+  dh_BxTxD, dk_DxV, dw_BxT = residuals
+  return (
+    (g * dh_BxTxD).astype(dh_BxTxD.dtype),
+    (g * dk_DxV).astype(dk_DxV.dtype),
+    None,
+    (g * dw_BxT).astype(dw_BxT.dtype),
+  )
+
+
+_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
