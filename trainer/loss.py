@@ -114,8 +114,8 @@ def head_loss(
   hidden states, the kernel and the weights is computed in the forward pass, C tokens at a time:
   the backward pass only scales it, so no chunk's logits are computed twice (the rematerialized
   `token_cross_entropy` computes each chunk's head matmul twice, a third more head FLOPs). The
-  kernel's gradient is summed over chunks in fp32. The two sums are metrics and carry no
-  gradient.
+  logits and softmax are fp32; the gradient matmuls run in the compute dtype, and the kernel's
+  gradient is summed over chunks in fp32. The two sums are metrics and carry no gradient.
   """
   objective, sums = _head_loss(hidden_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, z_loss)
   return objective, jax.lax.stop_gradient(sums)
@@ -134,8 +134,13 @@ def _head_loss(hidden_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, z_loss
 
 
 def _chunk_value_and_grads(h_BxCxD, kernel_DxV, tgt_BxC, w_BxC, z_loss):
-  """(ce, lse, d hidden, d kernel) of one chunk; d kernel in the kernel's dtype."""
-  logits_BxCxV, vjp = jax.vjp(_logits, h_BxCxD, kernel_DxV)
+  """(ce, lse, d hidden, d kernel) of one chunk; the kernel and both gradients in h's dtype.
+
+  The backward matmuls take the logits' gradient in the compute dtype, as every other layer's
+  do, so under FSDP each device's partial kernel gradient (the whole [D, V] before the
+  cross-device sum) is bf16 in a bf16 model: 1 GiB for Llama 3's head rather than 2.
+  """
+  logits_BxCxV = _logits(h_BxCxD, kernel_DxV)
   lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
   ce_BxC = lse_BxC - jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
   probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
@@ -145,27 +150,28 @@ def _chunk_value_and_grads(h_BxCxD, kernel_DxV, tgt_BxC, w_BxC, z_loss):
   d_logits_BxCxV = probs_BxCxV * scale_BxC[..., None] - jnp.where(
     vocab_V == tgt_BxC[..., None], w_BxC[..., None], 0.0
   )
-  dh_BxCxD, dk_DxV = vjp(d_logits_BxCxV)
-  return ce_BxC, lse_BxC, dh_BxCxD, dk_DxV
+  # The primal of this vjp is never used; XLA drops it.
+  _, vjp = jax.vjp(lambda h, k: dense(h, k), h_BxCxD, kernel_DxV)
+  dh_BxCxD, dk_DxV = vjp(d_logits_BxCxV.astype(h_BxCxD.dtype))
+  return ce_BxC, lse_BxC, dh_BxCxD, nn.with_logical_constraint(dk_DxV, ("embed", "vocab"))
 
 
 def _head_loss_fwd(hidden_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, z_loss):
   n = _num_chunks(hidden_BxTxD.shape[1], chunk)
-  kernel32_DxV = kernel_DxV.astype(jnp.float32)  # Per-chunk kernel gradients arrive in fp32.
+  kernel_c_DxV = kernel_DxV.astype(hidden_BxTxD.dtype)
   if n == 1:
     ce_BxT, lse_BxT, dh_BxTxD, dk_DxV = _chunk_value_and_grads(
-      hidden_BxTxD, kernel32_DxV, targets_BxT, weights_BxT, z_loss
+      hidden_BxTxD, kernel_c_DxV, targets_BxT, weights_BxT, z_loss
     )
   else:
 
     def body(dk_DxV, xs):
-      ce, lse, dh, dk = _chunk_value_and_grads(xs[0], kernel32_DxV, xs[1], xs[2], z_loss)
-      dk_DxV = nn.with_logical_constraint(dk_DxV + dk, ("embed", "vocab"))
-      return dk_DxV, (ce, lse, dh)
+      ce, lse, dh, dk = _chunk_value_and_grads(xs[0], kernel_c_DxV, xs[1], xs[2], z_loss)
+      return dk_DxV + dk.astype(jnp.float32), (ce, lse, dh)  # Summed over chunks in fp32.
 
     chunks = tuple(_split(x, n) for x in (hidden_BxTxD, targets_BxT, weights_BxT))
     dk_DxV, (ce_NxBxC, lse_NxBxC, dh_NxBxCxD) = jax.lax.scan(
-      body, jnp.zeros_like(kernel32_DxV), chunks
+      body, jnp.zeros(kernel_DxV.shape, jnp.float32), chunks
     )
     ce_BxT, lse_BxT, dh_BxTxD = _merge(ce_NxBxC), _merge(lse_NxBxC), _merge(dh_NxBxCxD)
   out = _weighted_sums(ce_BxT, lse_BxT, weights_BxT, z_loss)
