@@ -21,8 +21,8 @@ _LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def _logits(h_BxCxD: jax.Array, kernel_DxV: jax.Array) -> jax.Array:
-  """fp32 logits from hidden states in their compute dtype (the kernel is cast to it)."""
-  logits_BxCxV = dense(h_BxCxD, kernel_DxV.astype(h_BxCxD.dtype), 1, jnp.float32)
+  """fp32 logits from hidden states and a kernel, both in the compute dtype."""
+  logits_BxCxV = dense(h_BxCxD, kernel_DxV, 1, jnp.float32)
   return nn.with_logical_constraint(logits_BxCxV, _LOGITS_AXES)
 
 
@@ -84,6 +84,7 @@ def token_cross_entropy(
   Differentiable (each chunk is rematerialized in the backward pass), but training uses
   `head_loss`, which needs no second pass over the head.
   """
+  kernel_DxV = kernel_DxV.astype(hidden_BxTxD.dtype)  # Once, not per chunk.
   n = _num_chunks(hidden_BxTxD.shape[1], chunk)
   if n == 1:
     return cross_entropy_and_lse(_logits(hidden_BxTxD, kernel_DxV), targets_BxT)
@@ -141,15 +142,9 @@ def _chunk_value_and_grads(h_BxCxD, kernel_DxV, tgt_BxC, w_BxC, z_loss):
   cross-device sum) is bf16 in a bf16 model: 1 GiB for Llama 3's head rather than 2.
   """
   logits_BxCxV = _logits(h_BxCxD, kernel_DxV)
-  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-  ce_BxC = lse_BxC - jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
-  probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
-  vocab_V = jax.lax.broadcasted_iota(tgt_BxC.dtype, logits_BxCxV.shape, 2)
-  # d/dlogits of w * (lse - logit[target]) + z * w * lse^2.
-  scale_BxC = w_BxC * (1.0 + 2.0 * z_loss * lse_BxC)
-  d_logits_BxCxV = probs_BxCxV * scale_BxC[..., None] - jnp.where(
-    vocab_V == tgt_BxC[..., None], w_BxC[..., None], 0.0
-  )
+  (ce_BxC, lse_BxC), residuals = _cross_entropy_fwd(logits_BxCxV, tgt_BxC)
+  # The objective's terms w * ce + z * w * lse^2 give cotangents w and 2 z w lse.
+  d_logits_BxCxV, _ = _cross_entropy_bwd(residuals, (w_BxC, 2.0 * z_loss * w_BxC * lse_BxC))
   # The primal of this vjp is never used; XLA drops it.
   _, vjp = jax.vjp(lambda h, k: dense(h, k), h_BxCxD, kernel_DxV)
   dh_BxCxD, dk_DxV = vjp(d_logits_BxCxV.astype(h_BxCxD.dtype))
