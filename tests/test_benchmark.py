@@ -186,16 +186,13 @@ def test_describe_attention_names_the_cpu_kernel():
   assert describe_attention("splash").startswith("splash")
 
 
-MODEL = TINY_MODEL
-
-
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_policies_give_the_same_gradients(scan):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 32)), jnp.int32)
-  params = Llama3(MODEL.replace(scan_layers=scan)).init(jax.random.key(0), tokens)["params"]
+  params = Llama3(TINY_MODEL.replace(scan_layers=scan)).init(jax.random.key(0), tokens)["params"]
   results = {}
   for policy in ("none", "full", "dots", "dots_no_batch", "offload"):
-    model = Llama3(MODEL.replace(remat=policy, scan_layers=scan))
+    model = Llama3(TINY_MODEL.replace(remat=policy, scan_layers=scan))
     loss = lambda p, model=model: jnp.mean(model.apply({"params": p}, tokens) ** 2)
     results[policy] = jax.jit(jax.value_and_grad(loss))(params)
   value, grads = results["none"]
@@ -206,7 +203,9 @@ def test_remat_policies_give_the_same_gradients(scan):
 
 
 def test_remat_policies_save_less_memory_in_that_order():
-  config = MODEL.replace(embed_dim=128, mlp_dim=512, num_layers=4, head_dim=32, max_seq_len=256)
+  config = TINY_MODEL.replace(
+    embed_dim=128, mlp_dim=512, num_layers=4, head_dim=32, max_seq_len=256
+  )
   tokens = jnp.zeros((4, 256), jnp.int32)
   temp = {}
   for policy in ("none", "dots", "dots_no_batch", "full"):
