@@ -9,8 +9,11 @@ The real train step (`trainer.step.jit_train_step`) is compiled by libtpu for th
 memory comes from that compile, costs from loop-free probes (see `launch.aot`). The step time is
 the compiler's (`optimal_seconds`) when it is positive and no faster than the chips' peak FLOP/s
 allows; otherwise a stated roofline: the largest of FLOPs / peak, HBM bytes / HBM bandwidth and
-collective bytes / ICI bandwidth (one direction, all links), i.e. perfect overlap. The JSON says
-which (`estimate`). stdout holds a table and, last, one JSON line; exit code 3: does not fit.
+collective bytes / ICI bandwidth (one direction, all links), i.e. perfect overlap. libtpu's
+`optimal_seconds` sums its per-op cycle estimates and gives collectives none, so when the
+collective bytes need longer over ICI than the compiler's step, that ICI time is the estimate
+(communication fully overlapped, but not free). The JSON says which (`estimate`). stdout holds
+a table and, last, one JSON line; exit code 3: does not fit.
 """
 
 from __future__ import annotations
@@ -187,10 +190,19 @@ def _estimate(
   usable = compiler_s is not None and compiler_s > 0 and compiler_s >= 0.99 * compute_s
   if compiler_s is not None and not usable:
     notes.append(f"compiler step time {compiler_s:.4g} s is not credible (negative or < peak)")
+  estimate, step_s = ("compiler", compiler_s) if usable else ("roofline", roofline_s)
+  ici_s = roofline["ici_s"]
+  if usable and ici_s is not None and ici_s > compiler_s:
+    # libtpu's optimal_seconds gives collectives no time: never let it undercut their traffic.
+    notes.append(
+      f"collectives need {ici_s:.4g} s over ICI, more than the compiler's {compiler_s:.4g} s "
+      "(which leaves them out): the step is taken as ICI-bound"
+    )
+    estimate, step_s = "ici", ici_s
   return {
     "flops_per_step": cost["flops"] if cost is not None else None,
-    "est_step_time_s": compiler_s if usable else roofline_s,
-    "estimate": "compiler" if usable else "roofline",
+    "est_step_time_s": step_s,
+    "estimate": estimate,
     "compiler_step_time_s": compiler_s,
     "roofline_s": roofline,
   }

@@ -7,6 +7,7 @@ from typing import Any
 _GIB = float(1 << 30)
 _SOURCES = {
   "compiler": "compiler's cost model",
+  "ici": "collective bytes at ICI bandwidth (the compiler's estimate leaves collectives out)",
   "roofline": "roofline (perfect overlap at peak: a lower bound, read it as optimistic)",
 }
 

@@ -98,6 +98,29 @@ def test_step_cost_extrapolates_probes_over_depth_and_microbatches(monkeypatch):
   assert cost["bytes"] == 4 * 32 and cost["seconds"] == 4 * 0.5 and cost["ici_bytes"] == 0
 
 
+def test_estimate_never_undercuts_collective_traffic():
+  # libtpu's optimal_seconds gives collectives no time, so a step that moves more bytes over ICI
+  # than the compiler's seconds allow is ICI-bound; otherwise the compiler's figure stands.
+  v5p = topo_lib.parse("v5p-256")
+  flops = 100e12  # 0.218 s at v5p's 459 TFLOP/s.
+  ici_bytes = 0.3 * v5p.ici_bandwidth / 2  # 0.3 s one way over all links.
+  notes = []
+  cost = {"flops": flops, "bytes": 1e9, "seconds": 0.25, "ici_bytes": ici_bytes}
+  est = plan_lib._estimate(cost, flops, v5p, notes)
+  assert est["estimate"] == "ici" and est["est_step_time_s"] == pytest.approx(0.3)
+  assert est["compiler_step_time_s"] == 0.25 and "ICI-bound" in notes[-1]
+  assert "ICI" in report._SOURCES["ici"]
+
+  cost["seconds"] = 0.4
+  est = plan_lib._estimate(cost, flops, v5p, notes := [])
+  assert est["estimate"] == "compiler" and est["est_step_time_s"] == 0.4 and not notes
+
+  # A compiler figure faster than peak FLOP/s is not credible: the roofline (here ICI) stands.
+  cost["seconds"] = 0.1
+  est = plan_lib._estimate(cost, flops, v5p, notes := [])
+  assert est["estimate"] == "roofline" and est["est_step_time_s"] == pytest.approx(0.3)
+
+
 def test_tiny_plan_fits_with_loop_corrected_costs():
   result = plan_lib.plan(_config([*TINY, "model.num_layers=1"]), topo_lib.parse("v5e-8"))
   assert all(key in result for key in KEYS)
@@ -107,8 +130,9 @@ def test_tiny_plan_fits_with_loop_corrected_costs():
   assert result["tokens_per_step"] == 8 * 128
   # Full remat recomputes the forward pass: hardware FLOPs exceed the model's, but not wildly.
   assert 1.0 <= result["flops_per_step"] / result["model_flops_per_step"] < 3.0
-  assert result["estimate"] in ("compiler", "roofline")
+  assert result["estimate"] in ("compiler", "ici", "roofline")
   assert result["est_step_time_s"] >= result["roofline_s"]["compute_s"] > 0
+  assert result["est_step_time_s"] >= result["roofline_s"]["ici_s"] > 0
   assert 0 < result["est_mfu"] <= 1
   assert result["compile_s"] > 0
 
