@@ -198,3 +198,42 @@ def test_preset_parameter_counts(preset, expected):
 def test_bad_config_raises_clear_error(change, match):
   with pytest.raises(ValueError, match=match):
     TINY.replace(**change)
+
+
+@pytest.mark.parametrize("lookup", ["embed_tokens", "jnp.take"])
+def test_embedding_gradient_stays_split_over_the_mesh(lookup):
+  """With the batch over data x fsdp and the table's D over fsdp, the table gradient is scattered
+  into each device's own [V, D / fsdp] slice: no device builds the whole fp32 [V, D] table
+  (jnp.take's own gradient does, which the second case shows), and the values are exact."""
+  import flax.linen as nn
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from configs.base import SHARDING_RULES
+  from model.llama import embed_tokens
+
+  v, d = 320, 96
+  rng = np.random.default_rng(0)
+  table = rng.standard_normal((v, d)).astype(np.float32)
+  tokens = rng.integers(0, v, (8, 12)).astype(np.int32)  # Repeats: a scatter-add, not a copy.
+  dy = rng.standard_normal((8, 12, d)).astype(np.float32)
+  take = embed_tokens if lookup == "embed_tokens" else lambda t, i: jnp.take(t, i, axis=0)
+
+  def loss(t, i):
+    return jnp.sum(take(t, i) * dy)
+
+  want = np.zeros_like(table)
+  np.add.at(want, tokens, dy)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(SHARDING_RULES):
+    step = jax.jit(
+      jax.grad(loss),
+      in_shardings=(
+        NamedSharding(mesh, PartitionSpec("tensor", "fsdp")),
+        NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
+      ),
+    )
+    got = step(table, tokens)
+    hlo = step.lower(table, tokens).compile().as_text()
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+  full_table = f"f32[{v},{d}]" in hlo
+  assert full_table == (lookup == "jnp.take"), f"{lookup}: whole [V, D] table on a device"
