@@ -226,7 +226,7 @@ def search(
   config: Any,
   topology: topo_lib.Topology,
   num_slices: int | None = None,
-  meshes: tuple[tuple[int, int, int], ...] = ((1, -1, 1), (1, -1, 2), (1, -1, 4)),
+  meshes: tuple[tuple[int, int, int], ...] = ((1, -1, 1), (2, -1, 1), (1, -1, 2), (1, -1, 4)),
   remats: tuple[str, ...] = ("full", "dots_no_batch", "dots"),
   per_device_batches: tuple[int, ...] = (1, 2, 4, 8),
 ) -> list[dict[str, Any]]:
@@ -321,7 +321,9 @@ def main() -> None:
     "full_depth_cost", False, "Cost the unscanned step with all layers, not 1- and 2-layer probes."
   )
   do_search = flags.DEFINE_bool("search", False, "Try mesh splits, remat policies and batches.")
-  meshes = flags.DEFINE_list("search_meshes", ["1x-1x1", "1x-1x2", "1x-1x4"], "DATAxFSDPxTENSOR.")
+  meshes = flags.DEFINE_list(
+    "search_meshes", ["1x-1x1", "2x-1x1", "1x-1x2", "1x-1x4"], "DATAxFSDPxTENSOR."
+  )
   remats = flags.DEFINE_list("search_remats", ["full", "dots_no_batch", "dots"], "Remat policies.")
   batches = flags.DEFINE_list("search_batches", ["1", "2", "4", "8"], "Rows per device.")
   flags.mark_flags_as_required(["config", "topology"])
