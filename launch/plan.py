@@ -222,13 +222,19 @@ def _compare_chunking(config: Any, devices: list[Any], hbm: int, peak: int) -> d
   }
 
 
+# What `--search` tries unless told otherwise: (data, fsdp, tensor) splits, remats, rows per device.
+SEARCH_MESHES = ((1, -1, 1), (2, -1, 1), (1, -1, 2), (1, -1, 4))
+SEARCH_REMATS = ("full", "dots_no_batch", "dots")
+SEARCH_BATCHES = (1, 2, 4, 8)
+
+
 def search(
   config: Any,
   topology: topo_lib.Topology,
   num_slices: int | None = None,
-  meshes: tuple[tuple[int, int, int], ...] = ((1, -1, 1), (2, -1, 1), (1, -1, 2), (1, -1, 4)),
-  remats: tuple[str, ...] = ("full", "dots_no_batch", "dots"),
-  per_device_batches: tuple[int, ...] = (1, 2, 4, 8),
+  meshes: tuple[tuple[int, int, int], ...] = SEARCH_MESHES,
+  remats: tuple[str, ...] = SEARCH_REMATS,
+  per_device_batches: tuple[int, ...] = SEARCH_BATCHES,
 ) -> list[dict[str, Any]]:
   """Plans over mesh splits, remat policies and per-device batches; every candidate, best first.
 
@@ -322,10 +328,10 @@ def main() -> None:
   )
   do_search = flags.DEFINE_bool("search", False, "Try mesh splits, remat policies and batches.")
   meshes = flags.DEFINE_list(
-    "search_meshes", ["1x-1x1", "2x-1x1", "1x-1x2", "1x-1x4"], "DATAxFSDPxTENSOR."
+    "search_meshes", ["x".join(map(str, m)) for m in SEARCH_MESHES], "DATAxFSDPxTENSOR."
   )
-  remats = flags.DEFINE_list("search_remats", ["full", "dots_no_batch", "dots"], "Remat policies.")
-  batches = flags.DEFINE_list("search_batches", ["1", "2", "4", "8"], "Rows per device.")
+  remats = flags.DEFINE_list("search_remats", list(SEARCH_REMATS), "Remat policies.")
+  batches = flags.DEFINE_list("search_batches", list(map(str, SEARCH_BATCHES)), "Rows per device.")
   flags.mark_flags_as_required(["config", "topology"])
 
   def parse(argv: list[str]) -> list[str]:

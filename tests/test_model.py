@@ -210,6 +210,7 @@ def test_embedding_gradient_stays_split_over_the_mesh(lookup):
 
   from configs.base import SHARDING_RULES
   from model.llama import embed_tokens
+  from trainer.mesh import mesh_context
 
   v, d = 320, 96
   rng = np.random.default_rng(0)
@@ -224,7 +225,7 @@ def test_embedding_gradient_stays_split_over_the_mesh(lookup):
   want = np.zeros_like(table)
   np.add.at(want, tokens, dy)
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(SHARDING_RULES):
+  with mesh_context(mesh), nn.logical_axis_rules(SHARDING_RULES):
     step = jax.jit(
       jax.grad(loss),
       in_shardings=(
