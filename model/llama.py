@@ -5,6 +5,7 @@ Dimension key: B batch, T length, D embed_dim, V vocab, L layers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -36,24 +37,81 @@ def _mesh_axes(logical: str) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _sharded_take(table_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array | None:
+  """`table[tokens]` on a mesh, laid out by hand; None where the layout does not fit.
+
+  Each device gathers, from its own [V / vocab, D / embed] slice of the table, the rows of all
+  tokens of its 'embed' group; where V is split (tensor parallelism) the partial rows are summed
+  over the vocab axes (one device holds each token's row, so the sum is exact); an all-to-all
+  over the embed axes then turns [the group's rows, D / embed] into [own rows, D]. The SPMD
+  partitioner, given `jnp.take`, all-gathers the embeddings of the whole global batch instead:
+  over 'data' at D / fsdp, and with V split all of D too ("involuntary full rematerialization").
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not nn.get_logical_axis_rules():
+    return None
+  vocab, embed, batch = _mesh_axes("vocab"), _mesh_axes("embed"), _mesh_axes("activation_batch")
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  fits = (
+    (vocab or embed)
+    and not set(vocab) & (set(batch) | set(embed))
+    and batch[len(batch) - len(embed) :] == embed  # D's axes are the batch's minor ones.
+    and table_VxD.shape[0] % size(vocab) == 0
+    and table_VxD.shape[1] % size(embed) == 0
+    and tokens_BxT.shape[0] % size(batch) == 0
+  )
+  if not fits:
+    return None
+  v_local = table_VxD.shape[0] // size(vocab)
+
+  def local(table_vxd, tokens_bxt):
+    if embed:
+      tokens_bxt = jax.lax.all_gather(tokens_bxt, embed, axis=0, tiled=True)
+    if not vocab:
+      rows_bxTxd = jnp.take(table_vxd, tokens_bxt, axis=0)
+    else:
+      ids_bxt = tokens_bxt - jax.lax.axis_index(vocab) * v_local
+      mine_bxt = (ids_bxt >= 0) & (ids_bxt < v_local)
+      rows_bxTxd = jnp.take(table_vxd, jnp.where(mine_bxt, ids_bxt, 0), axis=0)
+      rows_bxTxd = jax.lax.psum(jnp.where(mine_bxt[..., None], rows_bxTxd, 0), vocab)
+    if embed:
+      rows_bxTxd = jax.lax.all_to_all(rows_bxTxd, embed, 0, 2, tiled=True)
+    return rows_bxTxd
+
+  spec = jax.sharding.PartitionSpec
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(spec(vocab or None, embed or None), spec(batch or None, None)),
+    out_specs=spec(batch or None, None, None),
+    check_vma=False,
+  )(table_VxD, tokens_BxT)
+
+
+def _take(table_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
+  rows_BxTxD = _sharded_take(table_VxD, tokens_BxT)
+  return jnp.take(table_VxD, tokens_BxT, axis=0) if rows_BxTxD is None else rows_BxTxD
+
+
 @jax.custom_vjp
 def embed_tokens(table_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
-  """`table[tokens]`, with a backward pass that never builds a replicated [V, D] gradient.
+  """`table[tokens]`, never replicating the table, its gradient or the batch's embeddings.
 
-  The table's D is split over the 'embed' axes (FSDP). Left to itself, XLA's SPMD partitioner
-  scatters the gradient into a full fp32 [V, D] table on every device whenever the batch is
-  split over more axes than D is (e.g. data=2 x fsdp=64), then all-reduces it: for Llama 3 a
-  2 GiB buffer and 4 GiB of collective traffic per device and step. Here the token gradients
-  are first re-laid out so each device holds its own D slice of the rows of its 'data' group,
-  and each device scatters into its own [V, D / fsdp] slice; only the batch axes D does not use
-  are summed over.
+  Forward: see `_sharded_take`.
+  Backward: the table's D is split over the 'embed' axes (FSDP). Left to itself, XLA's SPMD
+  partitioner scatters the gradient into a full fp32 [V, D] table on every device whenever the
+  batch is split over more axes than D is (e.g. data=2 x fsdp=64), then all-reduces it: for
+  Llama 3 a 2 GiB buffer and 4 GiB of collective traffic per device and step. Here the token
+  gradients are first re-laid out so each device holds its own D slice of the rows of its 'data'
+  group, and each device scatters into its own [V, D / fsdp] slice; only the batch axes D does
+  not use are summed over.
   """
-  return jnp.take(table_VxD, tokens_BxT, axis=0)
+  return _take(table_VxD, tokens_BxT)
 
 
 def _embed_tokens_fwd(table_VxD, tokens_BxT):
   # The table is a parameter, alive anyway: keeping it costs nothing; only its shape is used.
-  return jnp.take(table_VxD, tokens_BxT, axis=0), (table_VxD, tokens_BxT)
+  return _take(table_VxD, tokens_BxT), (table_VxD, tokens_BxT)
 
 
 def _embed_tokens_bwd(residuals, d_BxTxD):

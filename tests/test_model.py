@@ -201,10 +201,15 @@ def test_bad_config_raises_clear_error(change, match):
 
 
 @pytest.mark.parametrize("lookup", ["embed_tokens", "jnp.take"])
-def test_embedding_gradient_stays_split_over_the_mesh(lookup):
-  """With the batch over data x fsdp and the table's D over fsdp, the table gradient is scattered
-  into each device's own [V, D / fsdp] slice: no device builds the whole fp32 [V, D] table
-  (jnp.take's own gradient does, which the second case shows), and the values are exact."""
+@pytest.mark.parametrize("shape", [(2, 4, 1), (2, 2, 2)])
+def test_embedding_stays_split_over_the_mesh(lookup, shape):
+  """With the batch over data x fsdp, the table's D over fsdp and its V over tensor:
+  - the forward pass never holds the whole global batch's embeddings on a device (jnp.take
+    does: the partitioner all-gathers them over 'data', and with V split at full width);
+  - the table gradient is scattered into each device's own [V, D / fsdp] slice: no device
+    builds the whole fp32 [V, D] table (jnp.take's own gradient does when the batch is split
+    over more axes than D);
+  - the values are exact."""
   import flax.linen as nn
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -212,11 +217,11 @@ def test_embedding_gradient_stays_split_over_the_mesh(lookup):
   from model.llama import embed_tokens
   from trainer.mesh import mesh_context
 
-  v, d = 320, 96
+  v, d, b, t = 320, 96, 8, 12
   rng = np.random.default_rng(0)
   table = rng.standard_normal((v, d)).astype(np.float32)
-  tokens = rng.integers(0, v, (8, 12)).astype(np.int32)  # Repeats: a scatter-add, not a copy.
-  dy = rng.standard_normal((8, 12, d)).astype(np.float32)
+  tokens = rng.integers(0, v, (b, t)).astype(np.int32)  # Repeats: a scatter-add, not a copy.
+  dy = rng.standard_normal((b, t, d)).astype(np.float32)
   take = embed_tokens if lookup == "embed_tokens" else lambda t, i: jnp.take(t, i, axis=0)
 
   def loss(t, i):
@@ -224,17 +229,18 @@ def test_embedding_gradient_stays_split_over_the_mesh(lookup):
 
   want = np.zeros_like(table)
   np.add.at(want, tokens, dy)
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "fsdp", "tensor"))
   with mesh_context(mesh), nn.logical_axis_rules(SHARDING_RULES):
-    step = jax.jit(
-      jax.grad(loss),
-      in_shardings=(
-        NamedSharding(mesh, PartitionSpec("tensor", "fsdp")),
-        NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
-      ),
-    )
-    got = step(table, tokens)
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    ins = (NamedSharding(mesh, PartitionSpec("tensor", "fsdp")), rows)
+    forward = jax.jit(take, in_shardings=ins, out_shardings=rows)
+    step = jax.jit(jax.grad(loss), in_shardings=ins)
+    got_rows, got = forward(table, tokens), step(table, tokens)
+    forward_hlo = forward.lower(table, tokens).compile().as_text()
     hlo = step.lower(table, tokens).compile().as_text()
+  np.testing.assert_array_equal(np.asarray(got_rows), table[tokens])
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+  whole_batch = f"f32[{b},{t}," in forward_hlo
+  assert whole_batch == (lookup == "jnp.take"), f"{lookup}: whole batch gathered"
   full_table = f"f32[{v},{d}]" in hlo
-  assert full_table == (lookup == "jnp.take"), f"{lookup}: whole [V, D] table on a device"
+  assert full_table == (lookup == "jnp.take" and shape[0] > 1), f"{lookup}: whole [V, D] table"
