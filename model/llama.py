@@ -37,6 +37,14 @@ def _mesh_axes(logical: str) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _sharding_mesh() -> jax.sharding.AbstractMesh | None:
+  """The ambient mesh when it has several devices and logical rules are active; else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not nn.get_logical_axis_rules():
+    return None
+  return mesh
+
+
 def _sharded_take(table_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array | None:
   """`table[tokens]` on a mesh, laid out by hand; None where the layout does not fit.
 
@@ -47,8 +55,8 @@ def _sharded_take(table_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array | No
   partitioner, given `jnp.take`, all-gathers the embeddings of the whole global batch instead:
   over 'data' at D / fsdp, and with V split all of D too ("involuntary full rematerialization").
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or not nn.get_logical_axis_rules():
+  mesh = _sharding_mesh()
+  if mesh is None:
     return None
   vocab, embed, batch = _mesh_axes("vocab"), _mesh_axes("embed"), _mesh_axes("activation_batch")
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
@@ -116,8 +124,7 @@ def _embed_tokens_fwd(table_VxD, tokens_BxT):
 
 def _embed_tokens_bwd(residuals, d_BxTxD):
   table_VxD, tokens_BxT = residuals
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.size > 1 and nn.get_logical_axis_rules():
+  if _sharding_mesh() is not None:
     embed = _mesh_axes("embed")
     rows = tuple(a for a in _mesh_axes("activation_batch") if a not in embed) or None
     spec = jax.sharding.PartitionSpec
