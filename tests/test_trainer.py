@@ -119,9 +119,10 @@ def test_parameter_shardings_follow_the_rules():
   assert q.addressable_shards[0].data.size == q.size // 4
 
 
-def test_gradient_accumulation_equals_the_large_batch():
+@pytest.mark.parametrize("unroll", [False, True], ids=["loop", "unrolled"])
+def test_gradient_accumulation_equals_the_large_batch(unroll):
   plain = run_steps(tiny_config(), jax.devices()[:2], 3)
-  accum = run_steps(tiny_config(grad_accum_steps=4), jax.devices()[:2], 3)
+  accum = run_steps(tiny_config(grad_accum_steps=4, grad_accum_unroll=unroll), jax.devices()[:2], 3)
   np.testing.assert_allclose(accum, plain, rtol=1e-5)
 
 

@@ -62,11 +62,14 @@ def train_step(
   grad_accum: int,
   chunk: int,
   z_loss: float,
+  unroll: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch; pure, no I/O.
 
   Gradients are sums over real tokens divided once by the batch's token count, so A
-  microbatches of B/A rows give the same update as one batch of B rows.
+  microbatches of B/A rows give the same update as one batch of B rows. With `unroll` the
+  microbatch loop is unrolled: the same sums in the same order, with the microbatches free to
+  overlap.
   """
   grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
   if grad_accum == 1:
@@ -85,7 +88,9 @@ def train_step(
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, ce_sum, z_sum), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+    (grads, ce_sum, z_sum), _ = jax.lax.scan(
+      accumulate, init, jax.tree.map(split, batch), unroll=bool(unroll)
+    )
   num_tokens = jnp.sum(batch["loss_mask"])
   denom = jnp.maximum(num_tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
@@ -132,6 +137,7 @@ def jit_train_step(
     grad_accum=int(config.grad_accum_steps),
     chunk=int(config.loss_chunk_size),
     z_loss=float(config.z_loss),
+    unroll=bool(config.grad_accum_unroll),
   )
 
   def step(state, batch):
