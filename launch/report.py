@@ -58,6 +58,7 @@ def format_plan(r: dict[str, Any]) -> str:
     ("compile", f"{r['compile_s']:.1f} s (+ {r.get('probe_compile_s', 0):.1f} s cost probes)"),
   ]
   rows += [("advice", tip) for tip in r.get("advice", [])]
+  rows += [("faster?", tip) for tip in r.get("hints", [])]
   rows += [("note", note) for note in r.get("notes", [])]
   return "\n".join(f"{k:<18} {v}" for k, v in rows)
 

@@ -135,6 +135,23 @@ def test_tiny_plan_fits_with_loop_corrected_costs():
   assert result["est_step_time_s"] >= result["roofline_s"]["ici_s"] > 0
   assert 0 < result["est_mfu"] <= 1
   assert result["compile_s"] > 0
+  # A tiny full-remat model leaves nearly all of HBM free: the plan points at remat=dots.
+  assert any("--config.model.remat=dots" in tip for tip in result["hints"])
+  assert "faster?" in report.format_plan(result)
+
+
+def test_hints_follow_remat_memory_and_mesh():
+  gib = 1 << 30
+  full, dots = _config(), _config([*TINY, "model.remat=dots"])
+  fsdp128 = {"data": 1, "fsdp": 128, "tensor": 1}
+  assert len(plan_lib.hints(full, fsdp128, 4 * gib, 95 * gib)) == 2
+  assert plan_lib.hints(full, {"data": 2, "fsdp": 64, "tensor": 1}, 4 * gib, 95 * gib) == [
+    plan_lib.hints(full, fsdp128, 4 * gib, 95 * gib)[0]
+  ]
+  # Memory already tight, or matmul outputs already saved: nothing about remat.
+  assert plan_lib.hints(full, {"data": 1, "fsdp": 8, "tensor": 1}, 40 * gib, 95 * gib) == []
+  assert plan_lib.hints(dots, {"data": 1, "fsdp": 8, "tensor": 1}, 4 * gib, 95 * gib) == []
+  assert "fsdp=64" in plan_lib.hints(dots, fsdp128, 40 * gib, 95 * gib)[0]
 
 
 def test_auto_attention_plans_splash_with_heads_split_over_tensor():
