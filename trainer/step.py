@@ -89,7 +89,7 @@ def train_step(
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     (grads, ce_sum, z_sum), _ = jax.lax.scan(
-      accumulate, init, jax.tree.map(split, batch), unroll=bool(unroll)
+      accumulate, init, jax.tree.map(split, batch), unroll=unroll
     )
   num_tokens = jnp.sum(batch["loss_mask"])
   denom = jnp.maximum(num_tokens, 1.0)
