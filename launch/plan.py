@@ -6,6 +6,7 @@ python -m launch.plan --config=configs/llama3_8b.py --topology=v5p-256 \\
 python -m launch.plan --config=configs/tiny.py --topology=v5e-8 --search
 
 The real train step (`trainer.step.jit_train_step`) is compiled by libtpu for the named topology;
+with the libtpu flags a run gets (`trainer.libtpu`: the defaults, or LIBTPU_INIT_ARGS when set);
 memory comes from that compile, costs from loop-free probes (see `launch.aot`). The step time is
 the compiler's (`optimal_seconds`) when it is positive and no faster than the chips' peak FLOP/s
 allows; otherwise a stated roofline: the largest of FLOPs / peak, HBM bytes / HBM bandwidth and
@@ -31,7 +32,7 @@ import jax  # noqa: E402
 
 from launch import aot, report  # noqa: E402
 from launch import topology as topo_lib  # noqa: E402
-from trainer import flops  # noqa: E402
+from trainer import flops, libtpu  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer.mesh import create_mesh  # noqa: E402
 
@@ -139,6 +140,7 @@ def plan(
     "scan_layers": bool(config.model.scan_layers),
     "attention": attention_kernel(config, devices[0].platform),
     "loss_chunk_size": int(config.loss_chunk_size),
+    "libtpu_init_args": os.environ.get(libtpu.ENV, ""),
   }
   notes = [main.note] if main.note else []
   if slices > 1:

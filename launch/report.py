@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer import libtpu
+
 _GIB = float(1 << 30)
 _SOURCES = {
   "compiler": "compiler's cost model",
@@ -14,6 +16,12 @@ _SOURCES = {
 
 def _gib(x: float | None) -> str:
   return "-" if x is None else f"{x / _GIB:.2f} GiB"
+
+
+def _libtpu_flags(args: str) -> str:
+  if args == " ".join(libtpu.DEFAULT_FLAGS):
+    return f"the trainer's defaults ({len(libtpu.DEFAULT_FLAGS)} flags, trainer/libtpu.py)"
+  return args or "none (LIBTPU_INIT_ARGS is empty)"
 
 
 def format_plan(r: dict[str, Any]) -> str:
@@ -28,6 +36,7 @@ def format_plan(r: dict[str, Any]) -> str:
       f"device, {r['grad_accum_steps']} microbatch(es))",
     ),
     ("remat / attention", f"{r['remat']} / {r['attention']} (scan_layers={r['scan_layers']})"),
+    ("libtpu flags", _libtpu_flags(r["libtpu_init_args"])),
     (
       "HBM per device",
       f"{_gib(r['peak_hbm_bytes'])} of {_gib(r['hbm_per_chip_bytes'])}: "

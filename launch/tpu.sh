@@ -9,15 +9,6 @@ readonly ROOT
 readonly CODE_DIR="llama3-jax"
 readonly RUN_DIR="llama3-jax-run"
 readonly TARBALL="llama3-jax.tar.gz"
-# XLA flags MaxText runs with on v4/v5p/v6e: overlap FSDP all-gathers and data-parallel
-# all-reduces with compute. LIBTPU_INIT_ARGS in the environment replaces them.
-readonly DEFAULT_LIBTPU_INIT_ARGS="--xla_tpu_enable_async_collective_fusion=true \
---xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
---xla_tpu_enable_async_collective_fusion_multiple_steps=true \
---xla_tpu_overlap_compute_collective_tc=true \
---xla_enable_async_all_gather=true \
---xla_tpu_enable_data_parallel_all_reduce_opt=true \
---xla_tpu_data_parallel_opt_different_sized_ops=true"
 
 usage() {
   cat <<'EOF'
@@ -41,7 +32,8 @@ Commands:
 
 --name, --zone and --project may come from TPU_NAME, TPU_ZONE and TPU_PROJECT instead
 (--project defaults to gcloud's configured project). DRY_RUN=1 prints each command instead of
-running it. LIBTPU_INIT_ARGS set here replaces the default XLA TPU flags of `train`.
+running it. LIBTPU_INIT_ARGS set here (even to '') replaces the trainer's default XLA TPU flags
+(trainer/libtpu.py) for `train`.
 EOF
 }
 
@@ -245,8 +237,11 @@ cmd_train() {
     echo "launch/tpu.sh: warning: --workdir=$workdir is not a gs:// path; each worker" \
       "would keep its own copy and a new slice could not resume from it" >&2
   fi
-  local exports
-  exports="export LIBTPU_INIT_ARGS=$(quote "${LIBTPU_INIT_ARGS:-$DEFAULT_LIBTPU_INIT_ARGS}")"
+  # Unset, the trainer applies its default libtpu flags (trainer/libtpu.py), as launch.plan does.
+  local exports=""
+  if [[ -n ${LIBTPU_INIT_ARGS+set} ]]; then
+    exports+=" && export LIBTPU_INIT_ARGS=$(quote "$LIBTPU_INIT_ARGS")"
+  fi
   for a in "${ENVS[@]}"; do
     [[ $a == [A-Za-z_]*=* ]] || die "--env takes KEY=VALUE, got '$a'"
     exports+=" && export ${a%%=*}=$(quote "${a#*=}")"
@@ -258,7 +253,7 @@ cmd_train() {
 then echo \"\$(hostname): a trainer is still running (pid \$pid): launch/tpu.sh stop\" >&2; exit 1; fi"
   # nohup and closed stdin/stdout let ssh return while training goes on; the log appends, so a
   # resumed run's log follows the preempted one.
-  ssh_workers all all "cd $CODE_DIR && mkdir -p ../$RUN_DIR && $exports \
+  ssh_workers all all "cd $CODE_DIR && mkdir -p ../$RUN_DIR$exports \
 && echo \"=== \$(date -u +%FT%TZ)\" $(quote "$trainer") >> ../$RUN_DIR/train.log \
 && (nohup $trainer >> ../$RUN_DIR/train.log 2>&1 < /dev/null & echo \$! > ../$RUN_DIR/train.pid) \
 && echo \"\$(hostname): started pid \$(cat ../$RUN_DIR/train.pid)\""

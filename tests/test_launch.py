@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from launch import local
-from trainer import distributed
+from trainer import distributed, libtpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU_SH = REPO / "launch" / "tpu.sh"
@@ -245,13 +245,16 @@ def test_train_starts_the_trainer_on_every_worker_under_nohup():
     assert argv[4] == "ssh" and _flag(argv, "--worker") == "all" and _flag(argv, "--node") == "all"
   remote = _flag(cmds[1], "--command")
   assert "nohup python3 -m trainer.train" in remote
-  assert "--xla_tpu_enable_async_collective_fusion=true" in remote
+  # Unset, LIBTPU_INIT_ARGS is left to the trainer, which applies trainer.libtpu's defaults.
+  assert "LIBTPU_INIT_ARGS" not in remote
   # The remote shell gets the trainer's arguments back exactly, spaces included.
   words = shlex.split(remote)
   start = next(i for i, w in enumerate(words) if w.endswith("nohup"))  # `(nohup` in a subshell
   assert words[start + 1 : start + 4 + len(args)] == ["python3", "-m", "trainer.train", *args]
   flags = _tpu_sh("train", *TARGET, "--", *args, LIBTPU_INIT_ARGS="--xla_mine=1")
-  assert "LIBTPU_INIT_ARGS=--xla_mine=1 " in _flag(_commands(flags)[1], "--command")
+  assert "export LIBTPU_INIT_ARGS=--xla_mine=1 " in _flag(_commands(flags)[1], "--command")
+  no_flags = _tpu_sh("train", *TARGET, "--", *args, LIBTPU_INIT_ARGS="")
+  assert "export LIBTPU_INIT_ARGS='' " in _flag(_commands(no_flags)[1], "--command")
 
 
 def test_train_command_runs_in_a_worker_shell(tmp_path):
@@ -365,3 +368,13 @@ def test_kill_9_of_the_launcher_takes_the_processes_with_it(tmp_path):
     for p in pids:
       if _alive(p):
         os.kill(p, signal.SIGKILL)
+
+
+def test_libtpu_flags_default_unless_the_environment_sets_them(monkeypatch):
+  monkeypatch.delenv(libtpu.ENV, raising=False)
+  assert libtpu.init_args() == " ".join(libtpu.DEFAULT_FLAGS) == os.environ[libtpu.ENV]
+  assert all(flag.startswith("--xla_") for flag in libtpu.DEFAULT_FLAGS)
+  monkeypatch.setenv(libtpu.ENV, "")  # Set but empty: no flags at all.
+  assert libtpu.init_args() == "" == os.environ[libtpu.ENV]
+  monkeypatch.setenv(libtpu.ENV, "--xla_mine=1")
+  assert libtpu.init_args() == "--xla_mine=1"

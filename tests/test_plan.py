@@ -138,6 +138,43 @@ def test_tiny_plan_fits_with_loop_corrected_costs():
   # A tiny full-remat model leaves nearly all of HBM free: the plan points at remat=dots.
   assert any("--config.model.remat=dots" in tip for tip in result["hints"])
   assert "faster?" in report.format_plan(result)
+  # Compiled with the libtpu flags a run gets (trainer.libtpu sets its defaults when unset).
+  assert result["libtpu_init_args"] == os.environ["LIBTPU_INIT_ARGS"]
+  assert "libtpu flags" in report.format_plan(result)
+
+
+_FLAGS_PAYLOAD = """
+from launch import aot, topology
+from tests.test_plan import TINY, _config
+devices = topology.devices(topology.parse("v5p-16"))
+config = _config([*TINY, "mesh.data=1", "mesh.fsdp=8"])
+_, hlo = aot.compile_step(config, devices, 95 << 30, with_hlo=True)
+print("async_collective_fusion" in hlo)
+"""
+
+
+def test_plans_compile_with_the_libtpu_flags_of_a_run():
+  """The planner loads libtpu with trainer.libtpu's defaults, as the trainer does on a slice.
+
+  On v5p they turn FSDP's weight all-gathers into asynchronous collective fusions, which changes
+  HBM and cost; LIBTPU_INIT_ARGS, set even to '', replaces them in both places.
+  """
+
+  def async_gathers(**env):
+    clean = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+    proc = subprocess.run(
+      [sys.executable, "-c", _FLAGS_PAYLOAD],
+      cwd=REPO,
+      env={**clean, "JAX_PLATFORMS": "cpu", **env},
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()[-1]
+
+  assert async_gathers() == "True"
+  assert async_gathers(LIBTPU_INIT_ARGS="") == "False"
 
 
 def test_hints_follow_remat_memory_and_mesh():

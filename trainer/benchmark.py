@@ -41,7 +41,7 @@ from data.batching import batch_sharding
 from data.synthetic import SyntheticPipeline, synthetic_rows
 from model import Llama3
 from model.attention import describe_attention
-from trainer import flops, optimizer
+from trainer import flops, libtpu, optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.mesh import MESH_AXES, MeshError, create_mesh, mesh_context, resolve_shape
@@ -355,6 +355,7 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
+  libtpu.init_args()  # The flags a TPU run compiles with (trainer.train sets the same).
   cores = len(os.sched_getaffinity(0))
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     n = _CPU_DEVICES.value or cpu_device_count(config, cores)

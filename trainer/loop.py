@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from etils import epath
 from data import create_pipeline
 from model import Llama3
 from model.attention import describe_attention
-from trainer import flops, optimizer
+from trainer import flops, libtpu, optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.checkpoint import Checkpointer, absolute
@@ -84,6 +85,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     mcfg.attention, head_dim=mcfg.head_dim, seq_len=config.seq_len, dtype=mcfg.dtype
   )
   logging.info("Attention: %s.", attention)
+  if jax.default_backend() == "tpu":
+    logging.info("%s=%r.", libtpu.ENV, os.environ.get(libtpu.ENV, ""))
   schedule = optimizer.learning_rate_schedule(config)
   tx = optimizer.make_optimizer(config)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)

@@ -14,8 +14,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from trainer import distributed  # noqa: PLC0415 - must run before anything touches devices.
+  from trainer import distributed, libtpu  # noqa: PLC0415 - before anything touches devices.
 
+  libtpu.init_args()
   distributed.maybe_initialize()
   from trainer.loop import TrainingError, train_and_evaluate  # noqa: PLC0415
 
