@@ -5,7 +5,8 @@ python -m launch.plan --config=configs/llama3_8b.py --topology=v6e-256
 Full remat fits everywhere. With HBM to spare, save the matmul outputs instead: on v5p-256 at
 128 x 2048 tokens, `--config.model.remat=dots` planned at 0.337 s per step and 10.1 GiB per chip,
 against 0.381 s and 4.7 GiB with full remat. Full remat with `--config.mesh.data=2
---config.mesh.fsdp=64` planned at 0.358 s and 4.0 GiB (see docs/tpu.md).
+--config.mesh.fsdp=64` planned at 0.388 s and 5.0 GiB with the trainer's libtpu flags, 0.358 s
+and 4.0 GiB without them (see docs/tpu.md).
 """
 
 from configs import base

@@ -77,7 +77,7 @@ def advice(config: Any, mesh_shape: dict[str, int]) -> list[str]:
   return tips
 
 
-def hints(config: Any, mesh_shape: dict[str, int], peak_bytes: int, hbm_bytes: int) -> list[str]:
+def hints(config: Any, peak_bytes: int, hbm_bytes: int) -> list[str]:
   """What may make a plan that fits faster; each is worth its own plan (`--search` tries them)."""
   tips = []
   if config.model.remat == "full" and peak_bytes < SPARE_HBM_FRACTION * hbm_bytes:
@@ -86,13 +86,6 @@ def hints(config: Any, mesh_shape: dict[str, int], peak_bytes: int, hbm_bytes: i
       "--config.model.remat=dots saves the matmul outputs instead of recomputing them (Llama "
       "3.1 8B on v5p-256, 128 x 2048 tokens, --full_depth_cost: 0.337 s at 10.1 GiB, against "
       "0.381 s at 4.7 GiB)"
-    )
-  if mesh_shape["data"] == 1 and mesh_shape["tensor"] == 1 and mesh_shape["fsdp"] >= 128:
-    tips.append(
-      f"--config.mesh.data=2 --config.mesh.fsdp={mesh_shape['fsdp'] // 2}: two copies of the "
-      "weights, each split half as many ways, and libtpu keeps the forward's weight gathers as "
-      "all-gathers (Llama 3.1 8B on v5p-256, full remat, --full_depth_cost: 0.358 s, against "
-      "0.381 s at fsdp=128)"
     )
   return tips
 
@@ -171,7 +164,7 @@ def plan(
   if result["flops_per_step"] is not None:
     result["flops_per_step"] *= n
   result["est_mfu"] = model_flops / (result["est_step_time_s"] * n * topology.peak_flops)
-  result["hints"] = hints(config, mesh_shape, main.peak_bytes, hbm)
+  result["hints"] = hints(config, main.peak_bytes, hbm)
   result.update(
     probe_compile_s=round(probe_s, 2),
     notes=notes,
