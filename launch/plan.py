@@ -5,8 +5,8 @@ python -m launch.plan --config=configs/llama3_8b.py --topology=v5p-256 \\
   [--full_depth_cost]  # cost the unscanned step with all layers (slow) instead of probes
 python -m launch.plan --config=configs/tiny.py --topology=v5e-8 --search
 
-The real train step (`trainer.step.jit_train_step`) is compiled by libtpu for the named topology;
-with the libtpu flags a run gets (`trainer.libtpu`: the defaults, or LIBTPU_INIT_ARGS when set);
+The real train step (`trainer.step.jit_train_step`) is compiled by libtpu for the named topology,
+with the libtpu flags a run gets (`trainer.tpu_flags`: the defaults, or LIBTPU_INIT_ARGS when set);
 memory comes from that compile, costs from loop-free probes (see `launch.aot`). The step time is
 the compiler's (`optimal_seconds`) when it is positive and no faster than the chips' peak FLOP/s
 allows; otherwise a stated roofline: the largest of FLOPs / peak, HBM bytes / HBM bandwidth and
@@ -23,6 +23,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The planner compiles for chips it never drives.
 
+from trainer import tpu_flags  # noqa: E402
+
+# The run's flags, set before jax loads: on a TPU VM `import jax` itself sets LIBTPU_INIT_ARGS.
+tpu_flags.init_args()
+
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -32,13 +37,13 @@ import jax  # noqa: E402
 
 from launch import aot, report  # noqa: E402
 from launch import topology as topo_lib  # noqa: E402
-from trainer import flops, libtpu  # noqa: E402
+from trainer import flops  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer.mesh import create_mesh  # noqa: E402
 
 NOT_FITTING_EXIT_CODE = 3
 # A full-remat plan under this share of HBM is told it could save matmul outputs instead: on
-# v5p-256, Llama 3.1 8B at 128 x 2048 tokens took 10.12 GiB with remat=dots, 4.68 with full.
+# v5p-256, Llama 3.1 8B at 128 x 2048 tokens took 10.13 GiB with remat=dots, 4.68 with full.
 SPARE_HBM_FRACTION = 0.3
 
 
@@ -133,7 +138,7 @@ def plan(
     "scan_layers": bool(config.model.scan_layers),
     "attention": attention_kernel(config, devices[0].platform),
     "loss_chunk_size": int(config.loss_chunk_size),
-    "libtpu_init_args": os.environ.get(libtpu.ENV, ""),
+    "libtpu_init_args": os.environ.get(tpu_flags.ENV, ""),
   }
   notes = [main.note] if main.note else []
   if slices > 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer import libtpu
+from trainer import tpu_flags
 
 _GIB = float(1 << 30)
 _SOURCES = {
@@ -18,10 +18,16 @@ def _gib(x: float | None) -> str:
   return "-" if x is None else f"{x / _GIB:.2f} GiB"
 
 
-def _libtpu_flags(args: str) -> str:
-  if args == " ".join(libtpu.DEFAULT_FLAGS):
-    return f"the trainer's defaults ({len(libtpu.DEFAULT_FLAGS)} flags, trainer/libtpu.py)"
-  return args or "none (LIBTPU_INIT_ARGS is empty)"
+def libtpu_flags(args: str) -> str:
+  """LIBTPU_INIT_ARGS in words: the trainer's defaults (plus any others), none, or as given."""
+  flags = args.split()
+  if not flags:
+    return "none (LIBTPU_INIT_ARGS is empty)"
+  if not set(tpu_flags.DEFAULT_FLAGS) <= set(flags):
+    return args.strip()
+  others = [f for f in flags if f not in tpu_flags.DEFAULT_FLAGS]
+  text = f"the trainer's defaults ({len(tpu_flags.DEFAULT_FLAGS)} flags, trainer/tpu_flags.py)"
+  return f"{text} plus {' '.join(others)}" if others else text
 
 
 def format_plan(r: dict[str, Any]) -> str:
@@ -36,7 +42,7 @@ def format_plan(r: dict[str, Any]) -> str:
       f"device, {r['grad_accum_steps']} microbatch(es))",
     ),
     ("remat / attention", f"{r['remat']} / {r['attention']} (scan_layers={r['scan_layers']})"),
-    ("libtpu flags", _libtpu_flags(r["libtpu_init_args"])),
+    ("libtpu flags", libtpu_flags(r["libtpu_init_args"])),
     (
       "HBM per device",
       f"{_gib(r['peak_hbm_bytes'])} of {_gib(r['hbm_per_chip_bytes'])}: "

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any
 
-from trainer import flops, libtpu
+from trainer import flops, tpu_flags
 
 # Physical chip grid per slice size; v4 and v5p are 3-D tori, v5e and v6e 2-D.
 _CUBE_SHAPES = {
@@ -113,7 +113,7 @@ def devices(topology: Topology, num_slices: int = 1) -> list[Any]:
   """Compile-only TPU devices of `num_slices` such slices, made on this (CPU) machine by libtpu."""
   # Planning drives no chips, so it may load libtpu beside a process that holds its lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  libtpu.init_args()  # Compile with the flags the run will have: they change memory and cost.
+  tpu_flags.init_args()  # Compile with the flags the run will have: they change memory and cost.
   from jax.experimental import topologies  # noqa: PLC0415 - loads libtpu; only when planning.
 
   try:

@@ -33,7 +33,7 @@ Commands:
 --name, --zone and --project may come from TPU_NAME, TPU_ZONE and TPU_PROJECT instead
 (--project defaults to gcloud's configured project). DRY_RUN=1 prints each command instead of
 running it. LIBTPU_INIT_ARGS set here (even to '') replaces the trainer's default XLA TPU flags
-(trainer/libtpu.py) for `train`.
+(trainer/tpu_flags.py) for `train`.
 EOF
 }
 
@@ -237,7 +237,7 @@ cmd_train() {
     echo "launch/tpu.sh: warning: --workdir=$workdir is not a gs:// path; each worker" \
       "would keep its own copy and a new slice could not resume from it" >&2
   fi
-  # Unset, the trainer applies its default libtpu flags (trainer/libtpu.py), as launch.plan does.
+  # Unset, the trainer applies its default libtpu flags (trainer/tpu_flags.py), as launch.plan does.
   local exports=""
   if [[ -n ${LIBTPU_INIT_ARGS+set} ]]; then
     exports+=" && export LIBTPU_INIT_ARGS=$(quote "$LIBTPU_INIT_ARGS")"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from launch import local
-from trainer import distributed, libtpu
+from trainer import distributed, tpu_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU_SH = REPO / "launch" / "tpu.sh"
@@ -245,7 +245,7 @@ def test_train_starts_the_trainer_on_every_worker_under_nohup():
     assert argv[4] == "ssh" and _flag(argv, "--worker") == "all" and _flag(argv, "--node") == "all"
   remote = _flag(cmds[1], "--command")
   assert "nohup python3 -m trainer.train" in remote
-  # Unset, LIBTPU_INIT_ARGS is left to the trainer, which applies trainer.libtpu's defaults.
+  # Unset, LIBTPU_INIT_ARGS is left to the trainer, which applies trainer.tpu_flags's defaults.
   assert "LIBTPU_INIT_ARGS" not in remote
   # The remote shell gets the trainer's arguments back exactly, spaces included.
   words = shlex.split(remote)
@@ -371,10 +371,11 @@ def test_kill_9_of_the_launcher_takes_the_processes_with_it(tmp_path):
 
 
 def test_libtpu_flags_default_unless_the_environment_sets_them(monkeypatch):
-  monkeypatch.delenv(libtpu.ENV, raising=False)
-  assert libtpu.init_args() == " ".join(libtpu.DEFAULT_FLAGS) == os.environ[libtpu.ENV]
-  assert all(flag.startswith("--xla_") for flag in libtpu.DEFAULT_FLAGS)
-  monkeypatch.setenv(libtpu.ENV, "")  # Set but empty: no flags at all.
-  assert libtpu.init_args() == "" == os.environ[libtpu.ENV]
-  monkeypatch.setenv(libtpu.ENV, "--xla_mine=1")
-  assert libtpu.init_args() == "--xla_mine=1"
+  monkeypatch.setenv(tpu_flags.ENV, "recorded, so that teardown restores the original state")
+  monkeypatch.delenv(tpu_flags.ENV)
+  assert tpu_flags.init_args() == " ".join(tpu_flags.DEFAULT_FLAGS) == os.environ[tpu_flags.ENV]
+  assert all(flag.startswith("--xla_") for flag in tpu_flags.DEFAULT_FLAGS)
+  monkeypatch.setenv(tpu_flags.ENV, "")  # Set but empty: no flags at all.
+  assert tpu_flags.init_args() == "" == os.environ[tpu_flags.ENV]
+  monkeypatch.setenv(tpu_flags.ENV, "--xla_mine=1")
+  assert tpu_flags.init_args() == "--xla_mine=1"

@@ -11,6 +11,7 @@ from configs import tiny
 from launch import aot, report
 from launch import plan as plan_lib
 from launch import topology as topo_lib
+from trainer import tpu_flags
 
 pytest.importorskip("libtpu", reason="AOT planning for TPU needs libtpu (pip install 'jax[tpu]')")
 
@@ -138,9 +139,23 @@ def test_tiny_plan_fits_with_loop_corrected_costs():
   # A tiny full-remat model leaves nearly all of HBM free: the plan points at remat=dots.
   assert any("--config.model.remat=dots" in tip for tip in result["hints"])
   assert "faster?" in report.format_plan(result)
-  # Compiled with the libtpu flags a run gets (trainer.libtpu sets its defaults when unset).
+  # Compiled with the libtpu flags a run gets (trainer.tpu_flags sets its defaults when unset).
   assert result["libtpu_init_args"] == os.environ["LIBTPU_INIT_ARGS"]
-  assert "libtpu flags" in report.format_plan(result)
+  assert f"libtpu flags       {report.libtpu_flags(os.environ['LIBTPU_INIT_ARGS'])}" in (
+    report.format_plan(result)
+  )
+
+
+def test_libtpu_flags_in_words():
+  defaults = " ".join(tpu_flags.DEFAULT_FLAGS)
+  assert report.libtpu_flags(defaults).startswith("the trainer's defaults (7 flags")
+  # On a TPU VM, importing jax appends its launch barrier to whatever is set.
+  barrier = "--xla_tpu_use_enhanced_launch_barrier=true"
+  assert report.libtpu_flags(f"{defaults} {barrier}").endswith(
+    f"flags, trainer/tpu_flags.py) plus {barrier}"
+  )
+  assert report.libtpu_flags("") == report.libtpu_flags("  ") == "none (LIBTPU_INIT_ARGS is empty)"
+  assert report.libtpu_flags(" --xla_mine=1") == "--xla_mine=1"
 
 
 _FLAGS_PAYLOAD = """
@@ -154,7 +169,7 @@ print("async_collective_fusion" in hlo)
 
 
 def test_plans_compile_with_the_libtpu_flags_of_a_run():
-  """The planner loads libtpu with trainer.libtpu's defaults, as the trainer does on a slice.
+  """The planner loads libtpu with trainer.tpu_flags's defaults, as the trainer does on a slice.
 
   On v5p they turn FSDP's weight all-gathers into asynchronous collective fusions, which changes
   HBM and cost; LIBTPU_INIT_ARGS, set even to '', replaces them in both places.

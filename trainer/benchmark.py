@@ -31,20 +31,25 @@ import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from trainer import tpu_flags
 
-from data.batching import batch_sharding
-from data.synthetic import SyntheticPipeline, synthetic_rows
-from model import Llama3
-from model.attention import describe_attention
-from trainer import flops, libtpu, optimizer
-from trainer import state as state_lib
-from trainer import step as step_lib
-from trainer.mesh import MESH_AXES, MeshError, create_mesh, mesh_context, resolve_shape
+# Before jax loads: on a TPU VM, `import jax` itself sets LIBTPU_INIT_ARGS (a launch barrier flag).
+tpu_flags.init_args()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from data.batching import batch_sharding  # noqa: E402
+from data.synthetic import SyntheticPipeline, synthetic_rows  # noqa: E402
+from model import Llama3  # noqa: E402
+from model.attention import describe_attention  # noqa: E402
+from trainer import flops, optimizer  # noqa: E402
+from trainer import state as state_lib  # noqa: E402
+from trainer import step as step_lib  # noqa: E402
+from trainer.mesh import MESH_AXES, MeshError, create_mesh, mesh_context, resolve_shape  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default: the config's `steps`).")
@@ -355,7 +360,6 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
-  libtpu.init_args()  # The flags a TPU run compiles with (trainer.train sets the same).
   cores = len(os.sched_getaffinity(0))
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     n = _CPU_DEVICES.value or cpu_device_count(config, cores)

@@ -18,7 +18,7 @@ from etils import epath
 from data import create_pipeline
 from model import Llama3
 from model.attention import describe_attention
-from trainer import flops, libtpu, optimizer
+from trainer import flops, optimizer, tpu_flags
 from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.checkpoint import Checkpointer, absolute
@@ -86,7 +86,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   )
   logging.info("Attention: %s.", attention)
   if jax.default_backend() == "tpu":
-    logging.info("%s=%r.", libtpu.ENV, os.environ.get(libtpu.ENV, ""))
+    logging.info("%s=%r.", tpu_flags.ENV, os.environ.get(tpu_flags.ENV, ""))
   schedule = optimizer.learning_rate_schedule(config)
   tx = optimizer.make_optimizer(config)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)

@@ -14,9 +14,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from trainer import distributed, libtpu  # noqa: PLC0415 - before anything touches devices.
+  from trainer import distributed, tpu_flags  # noqa: PLC0415 - before anything touches devices.
 
-  libtpu.init_args()
+  tpu_flags.init_args()
   distributed.maybe_initialize()
   from trainer.loop import TrainingError, train_and_evaluate  # noqa: PLC0415
 

@@ -21,6 +21,7 @@ def init_args() -> str:
   """Sets LIBTPU_INIT_ARGS to the default flags unless it is set (even to ''); returns it.
 
   libtpu reads the variable once, when it loads, so this must run before the first TPU device
-  or topology is made in the process.
+  or topology is made in the process; on a TPU VM even before `import jax`, which sets the
+  variable itself (to a launch-barrier flag) when it is unset.
   """
   return os.environ.setdefault(ENV, " ".join(DEFAULT_FLAGS))
