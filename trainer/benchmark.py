@@ -49,7 +49,13 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
-from trainer.mesh import MESH_AXES, MeshError, create_mesh, mesh_context, resolve_shape  # noqa: E402
+from trainer.mesh import (  # noqa: E402
+  MESH_AXES,
+  MeshError,
+  create_mesh,
+  mesh_context,
+  resolve_shape,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default: the config's `steps`).")
