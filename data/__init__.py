@@ -13,9 +13,18 @@ def create_pipeline(config: Any, mesh: Mesh) -> Any:
 
   Every pipeline has `tokenizer` (None for synthetic), `fingerprint` (str),
   `train_batches(start_step)` (an iterator of dicts of global arrays [B, T]: inputs, targets,
-  positions, segment_ids, loss_mask), `eval_batches()`, and `state()` / `restore(state)` (a
-  JSON-able iterator position; empty where the step number alone fixes the data).
+  positions, segment_ids, loss_mask), `eval_batches()`, `check_eval()` (raises when there is
+  nothing to evaluate on; run here when `eval_every` > 0, so that a run fails before it trains),
+  and `state()` / `restore(state)` (a JSON-able iterator position; empty where the step number
+  alone fixes the data).
   """
+  pipeline = _create(config, mesh)
+  if config.eval_every > 0:
+    pipeline.check_eval()
+  return pipeline
+
+
+def _create(config: Any, mesh: Mesh) -> Any:
   from data.batching import batch_sharding
 
   source = config.data.source

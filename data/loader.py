@@ -116,6 +116,12 @@ class PreparedPipeline:
       )
     if self.meta["num_rows"] == 0:
       raise ValueError(f"{path} has no training rows; prepare it from a larger corpus.")
+    if self.meta["num_rows"] < global_batch:
+      print(
+        f"warning: {path} has {self.meta['num_rows']} training rows, fewer than one batch of "
+        f"{global_batch}; every batch repeats rows.",
+        file=sys.stderr,
+      )
     self.path, self.seed, self.global_batch, self.seq_len = path, seed, global_batch, seq_len
     self.sharding, self.eval_steps = sharding, eval_steps
     self.num_workers, self.prefetch = num_workers, prefetch
@@ -164,8 +170,8 @@ class PreparedPipeline:
       if close is not None:
         close()
 
-  def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
-    """`eval_steps` batches of held-out rows, in order (the same every call)."""
+  def _eval_split(self) -> tuple[dict[str, Any], str]:
+    """(metadata, split) of the held-out rows, or a clear error when there are none."""
     meta = read_metadata(self._eval_path)
     split = "eval" if meta["num_eval_rows"] else "train"
     if self._eval_path == self.path and split == "train":
@@ -178,6 +184,22 @@ class PreparedPipeline:
         f"data.eval_path={self._eval_path} has another seq_len or tokenizer than {self.path}; "
         f"prepare both with the same --seq_len and --tokenizer."
       )
+    return meta, split
+
+  def check_eval(self) -> None:
+    """Raises now, not at the first evaluation, when there is no held-out data to evaluate on."""
+    meta, split = self._eval_split()
+    rows = meta["num_eval_rows" if split == "eval" else "num_rows"]
+    if rows < self.eval_steps * self.global_batch:
+      print(
+        f"warning: the eval data ({self._eval_path}) has {rows} rows, fewer than eval_steps x "
+        f"global_batch_size = {self.eval_steps * self.global_batch}; an evaluation repeats rows.",
+        file=sys.stderr,
+      )
+
+  def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
+    """`eval_steps` batches of held-out rows, in order (the same every call)."""
+    meta, split = self._eval_split()
     ds = rows_dataset(self._eval_path, meta, split)
     for step in range(self.eval_steps):
       idx = [step * self.global_batch + int(r) for r in self.local_rows]

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fractions
+import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -23,18 +28,29 @@ from typing import Any
 import numpy as np
 
 from data.packing import Packer, encode_rows, record_bytes, row_dtypes
-from data.sources import STAT_KEYS, Chunk, Source, open_source, read_chunk
+from data.sources import STAT_KEYS, Chunk, Source, no_field_error, open_source, read_chunk
 from data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
 # Snappy: fast enough for the byte tokenizer's ~100 MB/s of rows; zstd would be the bottleneck.
 _WRITER_OPTIONS = "group_size:1,snappy"
 _WORKER: dict[str, Any] = {}
+# With no document yet, this many JSON lines without the text field mean the field is wrong.
+_NO_FIELD_LIMIT = 1000
 
 
-def _init_worker(tokenizer_spec: str, dtype: str) -> None:
+def _init_worker(tokenizer_spec: str, dtype: str, parent: int | None = None) -> None:
   os.environ["TOKENIZERS_PARALLELISM"] = "false"  # Parallelism comes from the processes.
   _WORKER["tok"], _WORKER["dtype"] = load_tokenizer(tokenizer_spec), dtype
+  if parent is not None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+  """Ends a worker process whose parent died without stopping it (SIGKILL, OOM killer)."""
+  while os.getppid() == parent:
+    time.sleep(1.0)
+  os._exit(1)
 
 
 def _tokenize(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -62,14 +78,25 @@ def _ordered_map(
   # spawn, not fork: the caller may be a trainer with JAX threads running. An executor, not a
   # Pool: a worker that dies (OOM) raises BrokenProcessPool instead of hanging forever.
   ctx = multiprocessing.get_context("spawn")
-  with ProcessPoolExecutor(num_workers, ctx, initializer=_init_worker, initargs=init_args) as ex:
-    pending: collections.deque = collections.deque()
+  init_args = (*init_args, os.getpid())
+  ex = ProcessPoolExecutor(num_workers, ctx, initializer=_init_worker, initargs=init_args)
+  pending: collections.deque = collections.deque()
+  try:
     for item in items:
       pending.append(ex.submit(fn, item))
       if len(pending) >= 2 * num_workers:
         yield pending.popleft().result()
     while pending:
       yield pending.popleft().result()
+  except BaseException:
+    # Stopped (an error, Ctrl-C, SIGTERM): drop the queued work and end the workers now rather
+    # than after the chunks they hold.
+    processes = list(getattr(ex, "_processes", {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+      proc.terminate()
+    raise
+  ex.shutdown()
 
 
 class _ShardWriter:
@@ -125,6 +152,15 @@ def prepare(
   """Prepares `input` into `output` (see the module docstring); returns the metadata written."""
   if seq_len < 1:
     raise ValueError(f"--seq_len={seq_len} must be positive.")
+  if not 0 <= eval_fraction < 1:
+    raise ValueError(f"--eval_fraction={eval_fraction} must be at least 0 and below 1.")
+  if train_tokenizer and tokenizer != "byte":
+    raise ValueError(
+      f"--train_tokenizer={train_tokenizer} trains a new tokenizer, so --tokenizer={tokenizer!r} "
+      f"would be ignored; pass only one of them."
+    )
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise FileExistsError(f"--output={output} is a file; give the path of a directory to write.")
   prepared_before = os.path.exists(os.path.join(output, "metadata.json"))
   if prepared_before and not overwrite:
     raise FileExistsError(f"{output} is already prepared; pass --overwrite to replace it.")
@@ -133,7 +169,9 @@ def prepare(
     raise FileExistsError(f"{output} exists and is not a prepared dataset; pick another --output.")
   source = source or open_source(input, text_field, data_dir)
   start = time.perf_counter()
-  tmp = f"{output.rstrip('/')}.tmp-{os.getpid()}"
+  output = output.rstrip("/") or output
+  _remove_stale_tmp(output)
+  tmp = f"{output}{_TMP}{socket.gethostname()}-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
@@ -152,16 +190,38 @@ def prepare(
       progress=progress,
       start=start,
     )
+    # Readers only ever see a complete directory: the rename is the commit.
+    if os.path.exists(output):
+      shutil.rmtree(output)
+    os.replace(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  # Readers only ever see a complete directory: the rename is the commit.
-  if os.path.exists(output):
-    shutil.rmtree(output)
-  os.replace(tmp, output)
   if progress:
     print(_summary(meta, output), file=sys.stderr)
   return meta
+
+
+_TMP = ".tmp-"  # A run writes OUTPUT.tmp-HOST-PID and renames it to OUTPUT when complete.
+
+
+def _remove_stale_tmp(output: str) -> None:
+  """Deletes OUTPUT.tmp-HOST-PID dirs that this host's dead processes (killed runs) left."""
+  prefix = f"{output}{_TMP}{socket.gethostname()}-"
+  for path in glob.glob(glob.escape(prefix) + "*"):
+    pid = path[len(prefix) :]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Someone else's process.
+    return True
+  return True
 
 
 def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: Any) -> dict:
@@ -189,7 +249,7 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
   counts = {s: collections.Counter() for s in writers}
   stats = dict.fromkeys(STAT_KEYS, 0)
   frac = kw["eval_fraction"]
-  period = round(1 / frac) if frac > 0 else 0
+  text_field = getattr(source, "text_field", "text")
   num_docs = 0
   from tqdm import tqdm
 
@@ -204,11 +264,10 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
     for k in STAT_KEYS:
       stats[k] += chunk_stats[k]
     bar.update(chunk_stats["num_bytes"])
-    # Document k goes to eval when k % period == period - 1: fixed by order, not by workers.
-    is_eval = np.zeros(len(lengths), bool)
-    if period:
-      is_eval = (np.arange(num_docs, num_docs + len(lengths)) % period) == period - 1
+    is_eval = eval_documents(np.arange(num_docs, num_docs + len(lengths)), frac)
     num_docs += len(lengths)
+    if num_docs == 0 and stats["num_no_field"] >= _NO_FIELD_LIMIT:
+      raise no_field_error(source.name, text_field)
     for split, mask in (("train", ~is_eval), ("eval", is_eval)):
       if mask.any():
         tokens = flat if mask.all() else _select_documents(flat, lengths, mask)
@@ -216,11 +275,13 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
         rows = packers[split].add(tokens, lengths[mask])
         writers[split].write(encode_rows(rows, dtypes))
   bar.close()
+  if num_docs == 0 and stats["num_no_field"]:
+    raise no_field_error(source.name, text_field)
   if num_docs == 0:
     raise ValueError(
-      f"--input={input or source.name!r} has no non-empty documents "
-      f"({stats['num_empty']} empty, {stats['num_bad_lines']} unparsable lines); check the path "
-      f"and --text_field."
+      f"--input={input or source.name!r} has no non-empty documents ({stats['num_empty']} empty, "
+      f"{stats['num_bad_lines']} bad JSON lines, {stats['num_no_field']} without the text field, "
+      f"{stats['num_binary_files']} binary files); check the path and --text_field."
     )
   for split in writers:
     writers[split].write(encode_rows(packers[split].finish(), dtypes))
@@ -258,6 +319,21 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
   return meta
 
 
+def eval_documents(index: np.ndarray, fraction: float) -> np.ndarray:
+  """Which of the documents numbered `index` (0, 1, ... in corpus order) are held out for eval.
+
+  Document k >= 1 is, when ceil(k f) > ceil((k - 1) f): documents 1, 1 + 1/f, 1 + 2/f, ... for
+  f = 1/n. Exactly ceil((N - 1) f) of the first N are held out, so any corpus of two or more
+  documents has an eval split, and the choice depends on the order alone, not on the workers.
+  """
+  if fraction <= 0:
+    return np.zeros(index.shape, bool)
+  f = fractions.Fraction(fraction).limit_denominator(1 << 20)
+  k = index.astype(np.int64)
+  ceil = lambda x: -(-x * f.numerator // f.denominator)  # noqa: E731
+  return (k >= 1) & (ceil(k) > ceil(k - 1))
+
+
 def _select_documents(flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """Tokens of the documents where `mask` is set, copied run by run rather than token by token."""
   ends = np.cumsum(lengths)
@@ -272,9 +348,10 @@ def _summary(meta: dict[str, Any], output: str) -> str:
     f"{meta['num_tokens']} tokens in {meta['num_rows']} + {meta['num_eval_rows']} eval rows of "
     f"{meta['row_len']}; {meta['num_bytes'] / 1e6:.1f} MB tokenized in "
     f"{meta['tokenize_seconds']:.1f}s ({meta['mb_per_s']:.1f} MB/s), "
-    f"{meta['seconds']:.1f}s in all; skipped {meta['num_empty']} empty documents and "
-    f"{meta['num_bad_lines']} unparsable lines; {meta['num_invalid_utf8']} had invalid UTF-8 "
-    f"(replaced with U+FFFD)"
+    f"{meta['seconds']:.1f}s in all; skipped {meta['num_empty']} empty documents, "
+    f"{meta['num_bad_lines']} JSON lines that do not parse or whose text is not a string, "
+    f"{meta['num_no_field']} without the text field and {meta['num_binary_files']} binary files; "
+    f"{meta['num_invalid_utf8']} had invalid UTF-8 (replaced with U+FFFD)"
   )
 
 
@@ -293,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
   arg("--num_workers", type=int, default=None, help="tokenizer processes (default: CPUs)")
   arg("--overwrite", action="store_true", help="replace an existing output")
   a = p.parse_args(argv)
+  signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does.
   try:
     prepare(
       a.input, a.output, seq_len=a.seq_len, tokenizer=a.tokenizer,
@@ -301,6 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:
+    sys.exit(f"interrupted: {a.output} is as it was before this run; partial output removed.")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-STAT_KEYS = ("num_bytes", "num_invalid_utf8", "num_empty", "num_bad_lines")
+# Bytes read; documents with invalid UTF-8 (replaced), empty documents, JSON lines that do not
+# parse or whose text is not a string, JSON lines without the text field, binary files skipped.
+STAT_KEYS = (
+  "num_bytes", "num_invalid_utf8", "num_empty", "num_bad_lines", "num_no_field",
+  "num_binary_files",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -26,13 +31,53 @@ class Chunk:
 
 
 def file_kind(path: str) -> str:
-  """'jsonl', 'parquet' or 'text' (one document per file), from the file name."""
+  """'jsonl', 'json' (JSON Lines or one array), 'parquet' or 'text' (a document per file)."""
   name = path.lower()
-  if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+  if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz")):
     return "jsonl"
+  if name.endswith(".json"):
+    return "json"
   if name.endswith(".parquet"):
     return "parquet"
   return "text"
+
+
+def _open_bytes(path: str) -> Any:
+  """The file opened for reading bytes; `.gz` files decompressed on the fly."""
+  return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def read_text_file(path: str) -> bytes | None:
+  """The bytes of a one-document file (gunzipped), or None for a binary file (NULs in its head)."""
+  try:
+    with _open_bytes(path) as f:
+      raw = f.read()
+  except (gzip.BadGzipFile, EOFError) as e:
+    raise ValueError(f"{path} is not a complete gzip file ({e}); fix or remove it.") from e
+  return None if b"\0" in raw[:8192] else raw
+
+
+def _read_block(f: Any, path: str, size: int) -> bytes:
+  try:
+    return f.read(size)
+  except (gzip.BadGzipFile, EOFError) as e:
+    raise ValueError(f"{path} is not a complete gzip file ({e}); fix or remove it.") from e
+
+
+def _is_json_array(path: str) -> bool:
+  with open(path, "rb") as f:
+    head = f.read(4096).lstrip()
+  return head.startswith(b"[")
+
+
+def _json_array_lines(path: str) -> list[bytes]:
+  """The elements of a file holding one JSON array, one JSON line each."""
+  with open(path, "rb") as f:
+    try:
+      items = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); fix it or write it as JSON Lines.") from e
+  return [json.dumps(item).encode() for item in items]
 
 
 def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
@@ -51,32 +96,67 @@ def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
     return _SURROGATES.sub("\ufffd", raw), True
 
 
-def _json_text(line: bytes, field: str, origin: str) -> tuple[Any, bool]:
-  """(raw text or None for a bad line, had_invalid_utf8) of one JSONL line."""
+def _json_text(line: bytes, field: str) -> tuple[Any, str, bool]:
+  """(text or None, why not, had_invalid_utf8) of one JSON line.
+
+  Why not: '' (a text), 'bad' (not JSON), 'no_field' (no such field), 'not_text' (the field's
+  value is not a string).
+  """
   text, bad_utf8 = clean_text(line)
   try:
     obj = json.loads(text)
   except json.JSONDecodeError:
-    return None, bad_utf8
+    return None, "bad", bad_utf8
+  if isinstance(obj, str):  # A line (or array element) that is the text itself.
+    return obj, "", bad_utf8
   if not isinstance(obj, dict) or field not in obj:
-    raise ValueError(f"{origin}: a JSONL line has no field {field!r}; set --text_field.")
-  return obj[field], bad_utf8
+    return None, "no_field", bad_utf8
+  if not isinstance(obj[field], str):
+    return None, "not_text", bad_utf8
+  return obj[field], "", bad_utf8
+
+
+def no_field_error(origin: str, field: str) -> ValueError:
+  """The error for JSON records none of which has the text field."""
+  return ValueError(
+    f"{origin}: no JSON line has a field {field!r}; set --text_field (data.text_field) to the "
+    f"field that holds the text."
+  )
+
+
+def _json_lines(path: str) -> Iterator[bytes]:
+  if file_kind(path) == "json" and _is_json_array(path):
+    yield from _json_array_lines(path)
+    return
+  with _open_bytes(path) as f:
+    try:
+      yield from f
+    except (gzip.BadGzipFile, EOFError) as e:
+      raise ValueError(f"{path} is not a complete gzip file ({e}); fix or remove it.") from e
 
 
 def iter_file_documents(path: str, text_field: str = "text") -> Iterator[Any]:
-  """Raw documents of one file, in order (JSONL lines that are not JSON are skipped)."""
+  """Raw documents of one file, in order.
+
+  Lines that are not JSON, or whose field is missing or not a string, are skipped; a file where
+  no line has the field is an error (the wrong --text_field). Binary text files yield nothing.
+  """
   kind = file_kind(path)
   if kind == "text":
-    with open(path, "rb") as f:
-      yield f.read()
-  elif kind == "jsonl":
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-      for line in f:
-        if line.strip():
-          raw, _ = _json_text(line, text_field, path)
-          if raw is not None:
-            yield raw
+    raw = read_text_file(path)
+    if raw is not None:
+      yield raw
+  elif kind in ("jsonl", "json"):
+    found, missing = False, 0
+    for line in _json_lines(path):
+      if line.strip():
+        raw, why, _ = _json_text(line, text_field)
+        found |= why in ("", "not_text")
+        missing += why == "no_field"
+        if raw is not None:
+          yield raw
+    if missing and not found:
+      raise no_field_error(path, text_field)
   else:
     for batch in _parquet_batches(path, text_field):
       yield from batch
@@ -94,30 +174,36 @@ def _parquet_batches(path: str, field: str) -> Iterator[list[Any]]:
 
 
 def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
-  """The non-empty documents of a chunk, and counts of bytes, invalid UTF-8, empty, bad lines."""
+  """The non-empty documents of a chunk, and its counts (`STAT_KEYS`)."""
   stats = dict.fromkeys(STAT_KEYS, 0)
+  raws: list[Any] = []
   if chunk.kind == "files":
-    raws: list[Any] = []
     for path in chunk.payload:
-      with open(path, "rb") as f:
-        raws.append(f.read())
+      raw = read_text_file(path)
+      if raw is None:
+        stats["num_binary_files"] += 1
+      else:
+        raws.append(raw)
   elif chunk.kind == "jsonl":
-    raws = []
+    stats["num_bytes"] = len(chunk.payload)
     for line in chunk.payload.splitlines():
       if line.strip():
-        raw, bad = _json_text(line, chunk.text_field, chunk.origin)
-        if raw is None:
-          stats["num_bad_lines"] += 1
+        raw, why, bad = _json_text(line, chunk.text_field)
         stats["num_invalid_utf8"] += bad
-        raws.append(raw)
+        if why in ("bad", "not_text"):
+          stats["num_bad_lines"] += 1
+        elif why == "no_field":
+          stats["num_no_field"] += 1
+        else:
+          raws.append(raw)
   else:
-    raws = chunk.payload
-  if chunk.kind == "jsonl":
-    stats["num_bytes"] = len(chunk.payload)
+    for raw in chunk.payload:
+      if raw is None or isinstance(raw, (str, bytes)):
+        raws.append(raw)
+      else:  # A number, list or dict where the text should be.
+        stats["num_bad_lines"] += 1
   docs = []
   for raw in raws:
-    if raw is None and chunk.kind == "jsonl":
-      continue  # A line that is not JSON, already counted.
     text, bad = clean_text(raw)
     stats["num_invalid_utf8"] += bad
     if chunk.kind != "jsonl":
@@ -166,7 +252,7 @@ class Source:
 
 
 class FileSource(Source):
-  """Local files: plain text (one document each), JSONL / JSONL.GZ, Parquet."""
+  """Local files: text (one document each), JSON Lines or a JSON array, Parquet; `.gz` too."""
 
   def __init__(self, paths: Sequence[str], text_field: str = "text", name: str = ""):
     self.paths, self.text_field = list(paths), text_field
@@ -186,7 +272,17 @@ class FileSource(Source):
         if size >= chunk_bytes:
           yield Chunk("files", group, self.name)
           group, size = [], 0
-      elif kind == "jsonl":
+      elif kind == "json" and _is_json_array(path):
+        lines, size_lines = [], 0
+        for line in _json_array_lines(path):
+          lines.append(line)
+          size_lines += len(line) + 1
+          if size_lines >= chunk_bytes:
+            yield Chunk("jsonl", b"\n".join(lines) + b"\n", path, self.text_field)
+            lines, size_lines = [], 0
+        if lines:
+          yield Chunk("jsonl", b"\n".join(lines) + b"\n", path, self.text_field)
+      elif kind in ("jsonl", "json"):
         yield from self._jsonl_chunks(path, chunk_bytes)
       else:
         for batch in _parquet_batches(path, self.text_field):
@@ -195,10 +291,9 @@ class FileSource(Source):
       yield Chunk("files", group, self.name)
 
   def _jsonl_chunks(self, path: str, chunk_bytes: int) -> Iterator[Chunk]:
-    opener = gzip.open if path.lower().endswith(".gz") else open
     rest = b""
-    with opener(path, "rb") as f:
-      while block := f.read(chunk_bytes):
+    with _open_bytes(path) as f:
+      while block := _read_block(f, path, chunk_bytes):
         block = rest + block
         cut = block.rfind(b"\n") + 1
         if cut:  # Only whole lines go out; a partial last line waits for the next block.

@@ -8,6 +8,9 @@ iterator state that the trainer stores in the checkpoint and hands back through 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -179,6 +182,10 @@ class StreamingPipeline:
     self.local_rows = host_rows(sharding, global_batch, seq_len)
     self.shard, self.num_shards = host_shard(sharding, global_batch, seq_len)
     self.fingerprint = f"{source}:{path}:{self.tokenizer.fingerprint}:{seq_len}"
+    if source == "text":  # The saved position indexes the file list: it must not change.
+      files = [(f, os.path.getsize(f)) for f in expand_input(path)]
+      digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+      self.fingerprint += f":{digest}"
     self._it: Any = None
     self._pending_state: dict[str, Any] | None = None
 
@@ -231,6 +238,12 @@ class StreamingPipeline:
       f"data.path={self.path!r} gave no documents for host shard {self.shard} of "
       f"{self.num_shards}; check the path and data.text_field."
     )
+
+  def check_eval(self) -> None:
+    """Raises now, not at the first evaluation, when there is no held-out data to evaluate on."""
+    spec = self._eval_spec()
+    if self.source == "text":
+      expand_input(spec)
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """`eval_steps` batches from the start of the held-out data (the same every call)."""

@@ -66,6 +66,9 @@ class SyntheticPipeline:
   def restore(self, state: dict) -> None:
     """Nothing to restore (see `state`)."""
 
+  def check_eval(self) -> None:
+    """Synthetic eval batches always exist."""
+
   def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     """Batches of steps start_step, start_step + 1, ..."""
     step = start_step

@@ -140,9 +140,15 @@ class HFTokenizer(Tokenizer):
     from tokenizers import Tokenizer as _Tok
 
     self.path = path
-    self._tok = _Tok.from_file(path)
-    with open(path, encoding="utf-8") as f:
-      self._fast = _tiktoken_twin(json.load(f), self._tok)
+    try:
+      self._tok = _Tok.from_file(path)
+      with open(path, encoding="utf-8") as f:
+        self._fast = _tiktoken_twin(json.load(f), self._tok)
+    except Exception as e:  # The tokenizers library raises plain Exceptions.
+      raise ValueError(
+        f"{path} is not a tokenizer.json the `tokenizers` library can load ({e}); pass a "
+        f"Hugging Face tokenizer.json, a tiktoken tokenizer.model or 'byte'."
+      ) from e
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     bos, eos, pad = (self._find(n) for n in (BOS_NAMES, EOS_NAMES, PAD_NAMES))
     if eos is None and bos is None:

@@ -123,6 +123,17 @@ def test_worker_processes_give_the_same_batches(prepared):
   workers.close()
 
 
+def _document_names(rows):
+  """The 'doc N' openings of documents that start in `rows` (byte tokens after BOS), when whole."""
+  names = set()
+  for tokens, _, _ in rows:
+    for start in np.flatnonzero(tokens == 256):  # The byte tokenizer's BOS.
+      words = bytes(int(t) for t in tokens[start + 1 : start + 8] if t < 256).decode().split(" ")
+      if len(words) > 2:  # The opening is not cut off by the end of the row.
+        names.add(" ".join(words[:2]))
+  return names
+
+
 def test_eval_batches_are_held_out_and_repeatable(prepared):
   p = _pipeline(prepared, _mesh(), eval_steps=3)
   first = [np.asarray(b["inputs"]) for b in p.eval_batches()]
@@ -132,9 +143,11 @@ def test_eval_batches_are_held_out_and_repeatable(prepared):
     np.testing.assert_array_equal(a, b)
   meta = read_metadata(prepared)
   train = rows_dataset(prepared, meta, "train")._getitems(list(range(meta["num_rows"])))
-  train_rows = {tokens.tobytes() for tokens, _, _ in train}
   held_out = rows_dataset(prepared, meta, "eval")._getitems(list(range(meta["num_eval_rows"])))
-  assert held_out and not any(tokens.tobytes() in train_rows for tokens, _, _ in held_out)
+  # Documents begin "doc N ": no document has a start in both splits.
+  train_docs, eval_docs = _document_names(train), _document_names(held_out)
+  assert meta["num_eval_documents"] == 4  # ceil(39 * 0.1) of 40.
+  assert eval_docs and len(train_docs) >= 10 and not train_docs & eval_docs
   # Eval batch i holds eval rows i*B.. in order (wrapping around the small eval split).
   first_row = rows_dataset(prepared, meta, "eval")[0][0]
   np.testing.assert_array_equal(first[0][0], first_row[:-1])
@@ -170,3 +183,23 @@ def test_create_pipeline_and_stdlib_cache(prepared, tmp_path):
     for s in np.unique(segments[segments > 0]):
       piece = bytes(int(t) for t in tokens[segments == s] if t < 256)
       assert piece in sources
+
+
+def test_missing_eval_data_fails_before_training(prepared, tmp_path, capsys):
+  (tmp_path / "one.txt").write_text("one document: no eval split")
+  no_eval = str(tmp_path / "no_eval")
+  prepare(str(tmp_path / "one.txt"), no_eval, seq_len=T, num_workers=0, progress=False)
+  assert read_metadata(no_eval)["num_eval_rows"] == 0
+  c = base.get_config()
+  c.global_batch_size, c.seq_len, c.eval_steps = B, T, 1
+  c.data.source, c.data.path = "prepared", no_eval
+  with pytest.raises(ValueError, match="has no eval rows; .*or set eval_every=0"):
+    create_pipeline(c, _mesh())  # At start-up, not at the first evaluation.
+  capsys.readouterr()
+  c.eval_every = 0
+  create_pipeline(c, _mesh())
+  assert "fewer than one batch of 8; every batch repeats rows" in capsys.readouterr().err
+  # Another prepared dir's eval rows serve; too few of them for eval_steps is a warning.
+  c.eval_every, c.eval_steps, c.data.eval_path = 10, 50, prepared
+  create_pipeline(c, _mesh())
+  assert "an evaluation repeats rows" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data.loader import read_metadata, rows_dataset
-from data.prepare import main, prepare
+from data.prepare import eval_documents, main, prepare
 from data.tokenizers import load_tokenizer
 
 REQUIRED = ("num_rows", "seq_len", "num_documents", "num_tokens", "tokenizer", "fingerprint")
@@ -97,7 +97,7 @@ def test_jsonl_gz_and_parquet(tmp_path):
   assert got == sorted(
     [f"line {i} " * 3 for i in range(20)] + ["\ufffdx"] + [f"row {i}" for i in range(5)]
   )
-  with pytest.raises(ValueError, match="no field 'text'"):
+  with pytest.raises(ValueError, match="no JSON line has a field 'text'; set --text_field"):
     prepare(str(tmp_path / "a.jsonl.gz"), str(tmp_path / "o2"), seq_len=8, num_workers=0)
 
 
@@ -151,7 +151,8 @@ def test_hf_source_specs(tmp_path, monkeypatch):
   fake = types.SimpleNamespace(load_dataset=load_dataset, DatasetDict=dict)
   monkeypatch.setitem(sys.modules, "datasets", fake)
   meta = prepare("hf:org/corpus:en:train", str(tmp_path / "a"), seq_len=8, num_workers=0)
-  assert calls == [("org/corpus", "en", "train")] and meta["num_documents"] == 4
+  assert calls == [("org/corpus", "en", "train")]
+  assert (meta["num_documents"], meta["num_eval_documents"]) == (3, 1)  # Document 1 held out.
   prepare("hf:corpus:test", str(tmp_path / "b"), seq_len=8, num_workers=0, eval_fraction=0)
   assert calls[-1] == ("corpus", None, "test")
   docs = _documents(str(tmp_path / "b"), "train")
@@ -166,3 +167,164 @@ def test_never_deletes_a_foreign_output_dir(tmp_path):
   with pytest.raises(FileExistsError, match="not a prepared dataset"):
     prepare(str(tmp_path / "ok.txt"), str(precious), seq_len=8, num_workers=0, overwrite=True)
   assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_eval_documents_hold_out_the_exact_fraction():
+  for f in (0.01, 0.1, 0.25, 0.6, 1 / 3):
+    for n in (1, 2, 3, 10, 101, 1000):
+      held = eval_documents(np.arange(n), f)
+      assert held.sum() == int(np.ceil(round((n - 1) * f, 9))), (f, n)
+  # Two documents are enough for an eval split; one stays for training.
+  assert eval_documents(np.arange(2), 0.01).tolist() == [False, True]
+  assert not eval_documents(np.arange(1), 0.5).any()
+  assert not eval_documents(np.arange(50), 0).any()
+  # The choice of a document does not depend on how the corpus was chunked.
+  whole = eval_documents(np.arange(1000), 0.03)
+  parts = np.concatenate([eval_documents(np.arange(a, a + 7), 0.03) for a in range(0, 1001, 7)])
+  assert (parts[:1000] == whole).all()
+
+
+def test_json_gz_binary_and_odd_lines(tmp_path):
+  d = tmp_path / "in"
+  d.mkdir()
+  good = [f"doc {i} " * 4 for i in range(6)]
+  odd = [{"body": "no text field"}, {"text": 123}, {"text": ["a"]}, "not json"]
+  lines = [json.dumps({"text": t}) for t in good[:3]] + [
+    o if isinstance(o, str) else json.dumps(o) for o in odd
+  ]
+  (d / "a.jsonl").write_text("\n".join(lines) + "\n")
+  (d / "b.json").write_text(json.dumps([{"text": good[3]}, good[4], {"other": 1}]))
+  with gzip.open(d / "c.txt.gz", "wt") as f:
+    f.write(good[5])
+  (d / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+  out = str(tmp_path / "out")
+  meta = prepare(str(d), out, seq_len=16, num_workers=0, eval_fraction=0)
+  assert meta["num_documents"] == 6
+  assert (meta["num_bad_lines"], meta["num_no_field"], meta["num_binary_files"]) == (3, 2, 1)
+  tok = load_tokenizer(out)
+  assert sorted(tok.decode(x) for x in _documents(out, "train")) == sorted(good)
+  (tmp_path / "broken.txt.gz").write_bytes(gzip.compress(b"hello world")[:-6])
+  with pytest.raises(ValueError, match="broken.txt.gz is not a complete gzip file"):
+    prepare(str(tmp_path / "broken.txt.gz"), str(tmp_path / "o2"), seq_len=8, num_workers=0)
+  (tmp_path / "bad.json").write_text('[{"text": "a"},')
+  with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+    prepare(str(tmp_path / "bad.json"), str(tmp_path / "o3"), seq_len=8, num_workers=0)
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path):
+  (tmp_path / "ok.txt").write_text("hello")
+  (tmp_path / "afile").write_text("precious")
+  ok = str(tmp_path / "ok.txt")
+  with pytest.raises(FileExistsError, match="--output=.*afile is a file"):
+    prepare(ok, str(tmp_path / "afile"), seq_len=8, num_workers=0)
+  assert (tmp_path / "afile").read_text() == "precious"
+  for f in (1.0, 1.5, -0.1):
+    with pytest.raises(ValueError, match=f"--eval_fraction={f} must be at least 0 and below 1"):
+      prepare(ok, str(tmp_path / "o"), seq_len=8, eval_fraction=f)
+  with pytest.raises(ValueError, match="pass only one of them"):
+    prepare(ok, str(tmp_path / "o"), seq_len=8, tokenizer="bpe:300", train_tokenizer=300)
+  (tmp_path / "tokenizer.json").write_text('{"foo": 1}')
+  with pytest.raises(ValueError, match="is not a tokenizer.json the `tokenizers` library can"):
+    prepare(ok, str(tmp_path / "o"), seq_len=8, tokenizer=str(tmp_path / "tokenizer.json"))
+  assert sorted(os.listdir(tmp_path)) == ["afile", "ok.txt", "tokenizer.json"]  # No leftovers.
+
+
+def test_dead_runs_temporary_dirs_are_removed(tmp_path):
+  import socket
+
+  (tmp_path / "ok.txt").write_text("hello")
+  host = socket.gethostname()
+  dead = tmp_path / f"out.tmp-{host}-{2**22 + 12345}"  # Above Linux's pid_max default: unused.
+  live = tmp_path / f"out.tmp-{host}-1"  # pid 1 is alive.
+  other = tmp_path / f"out.tmp-{host}x-{2**22 + 12345}"  # Another host's: not ours to judge.
+  for p in (dead, live, other):
+    p.mkdir()
+  prepare(str(tmp_path / "ok.txt"), str(tmp_path / "out"), seq_len=8, num_workers=0)
+  assert not dead.exists() and live.exists() and other.exists()
+
+
+_STOPPABLE = """
+import signal, sys, time
+from data import prepare as P
+from data.sources import Chunk, Source
+
+class Slow(Source):
+  name = "slow"
+  def chunks(self, chunk_bytes):
+    yield Chunk("texts", ["hello world"] * 10, "slow")
+    time.sleep(300)
+    yield Chunk("texts", ["never read"], "slow")
+
+signal.signal(signal.SIGTERM, P._interrupt)
+try:
+  P.prepare("slow", sys.argv[1], seq_len=8, num_workers=2, source=Slow(), progress=False)
+except KeyboardInterrupt:
+  sys.exit("interrupted")
+"""
+
+
+def _children(pid):
+  out = []
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/children") as f:
+      out += [int(c) for c in f.read().split()]
+  return out
+
+
+def _wait(predicate, seconds):
+  import time
+
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(0.2)
+  return False
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_leaves_no_workers_and_no_partial_output(tmp_path, sig):
+  """SIGTERM: the run removes its partial output and stops its workers; SIGKILL: the workers
+  notice their parent is gone and exit by themselves."""
+  import signal
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "out"
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _STOPPABLE, str(out)], cwd=repo, stderr=subprocess.PIPE, text=True
+  )
+  try:
+    # Workers are the children other than multiprocessing's resource tracker.
+    workers = lambda: [c for c in _children(proc.pid) if b"resource_tracker" not in _cmd(c)]  # noqa: E731
+    assert _wait(
+      lambda: workers() and any(p.name.startswith("out.tmp-") for p in tmp_path.iterdir()), 120
+    )
+    started = workers()
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert _wait(
+      lambda: not any(os.path.exists(f"/proc/{w}") and _state(w) != "Z" for w in started), 30
+    )
+    if sig == "SIGTERM":
+      assert proc.returncode == 1 and "interrupted" in proc.stderr.read()
+      assert os.listdir(tmp_path) == []  # The partial OUTPUT.tmp-* is gone, OUTPUT never made.
+  finally:
+    proc.kill()
+
+
+def _cmd(pid):
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    return b""
+
+
+def _state(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0]
+  except FileNotFoundError:
+    return "gone"

@@ -110,3 +110,29 @@ def test_tfds_stream(tmp_path):
     evals = [[np.asarray(b["inputs"]) for b in p.eval_batches()] for _ in range(2)]
     assert len(evals[0]) == 2
     np.testing.assert_array_equal(evals[0][1], evals[1][1])
+
+
+def test_text_fingerprint_follows_the_files_and_eval_is_checked_early(tmp_path):
+  for i in range(2):
+    (tmp_path / f"a{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
+  glob = str(tmp_path / "*.jsonl")
+  before = _pipeline("text", glob).fingerprint
+  assert _pipeline("text", glob).fingerprint == before
+  # A file added to the glob changes the file order a saved position points into.
+  (tmp_path / "a2.jsonl").write_text(json.dumps({"text": "doc 2"}) + "\n")
+  assert _pipeline("text", glob).fingerprint != before
+  with pytest.raises(ValueError, match="needs data.eval_path .* or set eval_every=0"):
+    _pipeline("text", glob).check_eval()
+  with pytest.raises(FileNotFoundError, match="matches no files"):
+    _pipeline("text", glob, eval_path=str(tmp_path / "held-out-*.jsonl")).check_eval()
+  _pipeline("text", glob, eval_path=str(tmp_path / "a0.jsonl")).check_eval()
+
+
+def test_file_documents_skip_odd_lines_but_not_a_wrong_field(tmp_path):
+  from data.sources import iter_file_documents
+
+  lines = [{"text": "a"}, {"body": "b"}, {"text": 7}, {"text": "c"}]
+  (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+  assert list(iter_file_documents(str(tmp_path / "x.jsonl"))) == ["a", "c"]
+  with pytest.raises(ValueError, match="no JSON line has a field 'content'; set --text_field"):
+    list(iter_file_documents(str(tmp_path / "x.jsonl"), "content"))
