@@ -250,7 +250,7 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
   stats = dict.fromkeys(STAT_KEYS, 0)
   frac = kw["eval_fraction"]
   text_field = getattr(source, "text_field", "text")
-  num_docs = 0
+  num_docs = read = 0
   from tqdm import tqdm
 
   bar = tqdm(
@@ -264,6 +264,10 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
     for k in STAT_KEYS:
       stats[k] += chunk_stats[k]
     bar.update(chunk_stats["num_bytes"])
+    if source.num_examples and source.total_bytes is None:
+      # A dataset of known length: the total (so the ETA) from the bytes per example so far.
+      read += len(lengths) + chunk_stats["num_empty"] + chunk_stats["num_bad_lines"]
+      bar.total = round(bar.n / max(read, 1) * source.num_examples)
     is_eval = eval_documents(np.arange(num_docs, num_docs + len(lengths)), frac)
     num_docs += len(lengths)
     if num_docs == 0 and stats["num_no_field"] >= _NO_FIELD_LIMIT:
@@ -343,15 +347,27 @@ def _select_documents(flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -
 
 
 def _summary(meta: dict[str, Any], output: str) -> str:
+  skipped = [
+    f"{meta[key]} {what}"
+    for key, what in (
+      ("num_empty", "empty documents"),
+      ("num_bad_lines", "JSON lines that do not parse or whose text is not a string"),
+      ("num_no_field", "JSON lines without the text field"),
+      ("num_binary_files", "binary files"),
+    )
+    if meta[key]
+  ]
   return (
     f"prepared {output}: {meta['num_documents']} + {meta['num_eval_documents']} eval documents, "
     f"{meta['num_tokens']} tokens in {meta['num_rows']} + {meta['num_eval_rows']} eval rows of "
     f"{meta['row_len']}; {meta['num_bytes'] / 1e6:.1f} MB tokenized in "
-    f"{meta['tokenize_seconds']:.1f}s ({meta['mb_per_s']:.1f} MB/s), "
-    f"{meta['seconds']:.1f}s in all; skipped {meta['num_empty']} empty documents, "
-    f"{meta['num_bad_lines']} JSON lines that do not parse or whose text is not a string, "
-    f"{meta['num_no_field']} without the text field and {meta['num_binary_files']} binary files; "
-    f"{meta['num_invalid_utf8']} had invalid UTF-8 (replaced with U+FFFD)"
+    f"{meta['tokenize_seconds']:.1f}s ({meta['mb_per_s']:.1f} MB/s), {meta['seconds']:.1f}s in all"
+    + (f"; skipped {', '.join(skipped)}" if skipped else "")
+    + (
+      f"; {meta['num_invalid_utf8']} had invalid UTF-8 (replaced with U+FFFD)"
+      if meta["num_invalid_utf8"]
+      else ""
+    )
   )
 
 

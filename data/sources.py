@@ -235,6 +235,7 @@ class Source:
 
   name = ""
   total_bytes: int | None = None
+  num_examples: int | None = None  # Known for TFDS and HF datasets.
 
   def chunks(self, chunk_bytes: int) -> Iterator[Chunk]:
     """Work units of about `chunk_bytes` each, in a fixed order."""
@@ -352,6 +353,7 @@ class RandomAccessSource(Source):
 
   def __init__(self, data: Any, text_field: str, name: str):
     self.data, self.text_field, self.name = data, text_field, name
+    self.num_examples = len(data)
     if len(data) == 0:
       raise ValueError(f"--input={name!r} is empty; pick another split or dataset.")
 

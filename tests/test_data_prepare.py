@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data.loader import read_metadata, rows_dataset
-from data.prepare import eval_documents, main, prepare
+from data.prepare import _summary, eval_documents, main, prepare
 from data.tokenizers import load_tokenizer
 
 REQUIRED = ("num_rows", "seq_len", "num_documents", "num_tokens", "tokenizer", "fingerprint")
@@ -113,12 +113,13 @@ def test_trained_bpe_is_saved_with_the_data(text_corpus, tmp_path):
   )
 
 
-def test_tfds_source(tmp_path):
+def test_tfds_source(tmp_path, capsys):
   import tensorflow_datasets as tfds
 
   with tfds.testing.mock_data(num_examples=12):
     meta = prepare("tfds:lm1b:train", str(tmp_path / "t"), seq_len=16, num_workers=0)
   assert meta["num_documents"] + meta["num_eval_documents"] + meta["num_empty"] == 12
+  assert "100%" in capsys.readouterr().err  # The dataset's length gives the bar a total.
 
 
 def test_bad_inputs(tmp_path):
@@ -201,6 +202,10 @@ def test_json_gz_binary_and_odd_lines(tmp_path):
   meta = prepare(str(d), out, seq_len=16, num_workers=0, eval_fraction=0)
   assert meta["num_documents"] == 6
   assert (meta["num_bad_lines"], meta["num_no_field"], meta["num_binary_files"]) == (3, 2, 1)
+  assert _summary(meta, out).endswith(
+    "; skipped 3 JSON lines that do not parse or whose text is not a string, 2 JSON lines "
+    "without the text field, 1 binary files"
+  )
   tok = load_tokenizer(out)
   assert sorted(tok.decode(x) for x in _documents(out, "train")) == sorted(good)
   (tmp_path / "broken.txt.gz").write_bytes(gzip.compress(b"hello world")[:-6])
