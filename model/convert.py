@@ -80,7 +80,21 @@ def _export(args: argparse.Namespace) -> None:
   else:
     raise ValueError(f"{args.checkpoint} does not exist; give a params dir or a training workdir.")
   log.info("Read %s: %s parameters", args.checkpoint, f"{config.num_params():,}")
-  save_hf(config, params, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
+  extra = {}
+  tokenizer_dir = os.path.join(args.checkpoint, "tokenizer")  # A training run saves it there.
+  if os.path.isdir(tokenizer_dir):
+    from data.tokenizers import save_for_transformers, tokenizer_from_prepared
+
+    extra = save_for_transformers(tokenizer_from_prepared(tokenizer_dir), args.output)
+    log.info("Wrote the run's tokenizer; special token ids %s", extra)
+  save_hf(
+    config,
+    params,
+    args.output,
+    dtype=args.dtype,
+    max_shard_bytes=args.max_shard_bytes,
+    extra_config=extra,
+  )
   log.info("Wrote Hugging Face checkpoint to %s", args.output)
 
 
@@ -100,4 +114,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   exp.add_argument("--max_shard_bytes", type=int, default=5 * 10**9, help="bytes per shard")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  {"import": _import, "export": _export}[args.command](args)
+  if args.dtype is not None and args.dtype not in ("float32", "bfloat16", "float16"):
+    parser.error(f"--dtype={args.dtype} is not one of float32, bfloat16, float16.")
+  try:
+    {"import": _import, "export": _export}[args.command](args)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    raise SystemExit(f"error: {e}") from None

@@ -221,3 +221,36 @@ def test_cli_import_export_round_trip(tmp_path, monkeypatch):
   assert (tmp_path / "hf3" / "model.safetensors").read_bytes() == (
     tmp_path / "hf2" / "model.safetensors"
   ).read_bytes()
+  # The run's tokenizer goes along, with its special token ids in config.json.
+  from data.tokenizers import ByteTokenizer
+
+  ByteTokenizer().save(str(tmp_path / "workdir" / "tokenizer"))
+  main(["export", f"--checkpoint={tmp_path / 'workdir'}", f"--output={tmp_path / 'hf4'}"])
+  hf_config = json.loads((tmp_path / "hf4" / "config.json").read_text())
+  assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (256, 257)
+  assert (tmp_path / "hf4" / "tokenizer.json").exists()
+  for bad in (["--checkpoint=/nonexistent/run"], [f"--checkpoint={tmp_path}", "--dtype=float33"]):
+    with pytest.raises(SystemExit) as e:
+      main(["export", *bad, f"--output={tmp_path / 'hf5'}"])
+    assert e.value.code != 0 and not (tmp_path / "hf5").exists()
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_exported_tokenizer_loads_in_transformers(tmp_path, kind):
+  from data.tokenizers import ByteTokenizer, save_for_transformers, train_bpe
+
+  text = "def f(x):\n    return x ** 2  # café 🦙 \r\n\t 数字 end"
+  if kind == "byte":
+    ours = ByteTokenizer()
+  else:
+    ours = train_bpe([text * 3, "hello world " * 20], 300, str(tmp_path / "bpe.json"))
+  ids = save_for_transformers(ours, str(tmp_path / "hf"))
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+  assert ids == {
+    "bos_token_id": theirs.bos_token_id,
+    "eos_token_id": theirs.eos_token_id,
+    "pad_token_id": theirs.pad_token_id,
+  }
+  assert (ids["bos_token_id"], ids["eos_token_id"]) == (ours.bos_id, ours.eos_id)
+  assert theirs.decode(ours.encode(text, bos=True, eos=True), skip_special_tokens=True) == text

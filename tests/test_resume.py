@@ -100,10 +100,23 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight, caplog):
   assert any((tmp_path / "checkpoints_corrupt").rglob("*"))
 
 
+def test_unreadable_config_of_the_newest_checkpoint_sets_it_aside(tmp_path, straight, caplog):
+  train_and_evaluate(config(steps=8), str(tmp_path))
+  (tmp_path / "checkpoints" / "8" / "config" / "metadata").write_text("garbage{")
+  # Left in place, step 8 would block this run's own save of step 8.
+  train_and_evaluate(config(), str(tmp_path))
+  assert "step 8 is unreadable" in caplog.text
+  assert losses(tmp_path) == straight
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["8"]
+
+
 def test_checkpoint_of_another_model_is_one_clear_error(tmp_path):
   train_and_evaluate(config(steps=4), str(tmp_path))
   with pytest.raises(CheckpointMismatchError, match="embed_dim: 64 -> 96"):
     train_and_evaluate(config(**{"model.embed_dim": 96}), str(tmp_path))
+  # fp32 master weights and moments are not quietly cast down on resume.
+  with pytest.raises(CheckpointMismatchError, match="set --config.model.param_dtype=float32, or"):
+    train_and_evaluate(config(**{"model.param_dtype": "bfloat16"}), str(tmp_path))
 
 
 def _start(workdir: Path, *flags: str) -> subprocess.Popen:
@@ -196,7 +209,7 @@ def _eval_loss(config, params) -> float:
 
 
 def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path):
-  trained = config(steps=4, eval_every=4)
+  trained = config(steps=4, eval_every=4, checkpoint_every=2)
   last = train_and_evaluate(trained, str(tmp_path / "a"))
   mcfg, params = restore_params(str(tmp_path / "a"))
   assert mcfg == state_lib.model_config(trained)
@@ -208,6 +221,16 @@ def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path):
   assert first["learning_rate"] == 0.0
   assert first["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
   assert sorted(losses(tmp_path / "b")) == [1]
+  # A damaged newest checkpoint: the parameters come from the one before; none left: one error.
+  for step in (4, 2):
+    for f in (tmp_path / "a" / "checkpoints" / str(step) / "state").rglob("*"):
+      if f.is_file() and f.stat().st_size > 0:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    if step == 4:
+      _, older = restore_params(str(tmp_path / "a"))
+      assert _eval_loss(trained, older) != pytest.approx(last["eval_loss"], rel=1e-5)
+  with pytest.raises(ValueError, match=r"No checkpoint in .* restores \(step 4: .*; step 2: "):
+    restore_params(str(tmp_path / "a"))
 
 
 def test_watchdog_dumps_stacks_and_exits_nonzero():

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -146,6 +147,10 @@ def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, c
     train_and_evaluate(config, "run")
   # The kernel that ran, as the model selected it (XLA on CPU, whatever model.attention says).
   assert "Attention: xla (blockwise causal attention" in caplog.text
+  # The console shows progress: one line per logged step with the rate and the time left.
+  assert re.search(
+    r"step 4/6: loss \d+\.\d{4}, [\d,]+ tokens/s, MFU .*, ETA 0:00:\d\d", caplog.text
+  )
   tmp_path = tmp_path / "run"
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -179,8 +184,23 @@ def _train_cli(tmp_path, *flags):
 def test_unknown_config_key_is_one_clear_line(tmp_path):
   result = _train_cli(tmp_path, "--config.model.num_layer=2")
   assert result.returncode != 0
-  assert "num_layer" in result.stderr
+  assert "error: unknown config key: 'num_layer'; Did you mean" in result.stderr
   assert "Traceback" not in result.stderr
+  result = _train_cli(tmp_path, "--config=configs/nope.py")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "error: --config does not load ([Errno 2] No such file" in result.stderr
+
+
+def test_bad_values_fail_before_training(tmp_path):
+  for key, value, message in (
+    ("log_every", 0, "log_every=0 must be positive"),
+    ("eval_every", -1, "eval_every=-1 must be positive, or 0 for never"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      train_and_evaluate(tiny_config(**{key: value}), str(tmp_path / "run"))
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="--workdir=.*file is a file; give a directory"):
+    train_and_evaluate(tiny_config(), str(tmp_path / "file"))
 
 
 def test_mesh_mismatch_on_the_command_line_is_one_clear_line(tmp_path):

@@ -96,15 +96,28 @@ class Checkpointer:
       try:
         saved = self.saved_config(step)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
+        # Set aside like a failed restore: left in place, the step would block the save of
+        # the same step later in this run.
         logging.warning(
-          "Checkpoint at step %d is unreadable (%s); trying an older one.", step, _first_line(e)
+          "Checkpoint at step %d is unreadable (%s); moved it to %s and trying an older one.",
+          step,
+          _first_line(e),
+          self._set_aside(step),
         )
         continue
-      diff = shape_mismatch(saved.get("model", {}), model)
+      saved_model = saved.get("model", {})
+      diff = shape_mismatch(saved_model, model)
       if diff:
         raise CheckpointMismatchError(
           f"The checkpoint in {self.directory} (step {step}) is of another model "
           f"({'; '.join(diff)}); use a new --workdir or the matching --config.model values."
+        )
+      dtype = saved_model.get("param_dtype")
+      if dtype is not None and dtype != model.param_dtype:
+        raise CheckpointMismatchError(
+          f"The checkpoint in {self.directory} (step {step}) holds {dtype} parameters but "
+          f"model.param_dtype is {model.param_dtype}; set --config.model.param_dtype={dtype}, "
+          f"or start a new --workdir with --config.init_from={self.directory.parent}."
         )
       try:
         restored = self.manager.restore(
@@ -165,7 +178,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
   run_dir = absolute(workdir)
   config_path = run_dir / "config.json"
   if not config_path.exists():
-    raise FileNotFoundError(f"{config_path} does not exist; pass the --workdir of a training run.")
+    raise FileNotFoundError(f"{config_path} does not exist; {workdir} is not a training run's dir.")
   model_dict = json.loads(config_path.read_text())["model"]
   mcfg = ModelConfig(**model_dict)
   manager = ocp.CheckpointManager(
@@ -176,9 +189,8 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
   steps = sorted(manager.all_steps())
   if not steps:
     raise FileNotFoundError(
-      f"{workdir} has no checkpoints yet; train first or pass another --workdir."
+      f"{workdir} has no checkpoints yet; train first or pass another run's dir."
     )
-  step = steps[-1] if step is None else step
   device = jax.local_devices()[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   shapes = jax.eval_shape(
@@ -190,11 +202,22 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
     )
   }
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    ),
+  args = ocp.args.Composite(
+    state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
   )
-  manager.close()
-  return mcfg, restored["state"]["params"]
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has {steps}.")
+  errors = []
+  try:
+    for s in [step] if step is not None else reversed(steps):
+      try:
+        return mcfg, manager.restore(s, args=args)["state"]["params"]
+      except Exception as e:  # noqa: BLE001 - a corrupt checkpoint falls back to an older one.
+        errors.append(f"step {s}: {_first_line(e)}")
+        logging.warning("Checkpoint at step %d failed to restore (%s).", s, _first_line(e))
+  finally:
+    manager.close()
+  raise ValueError(
+    f"No checkpoint in {run_dir / 'checkpoints'} restores ({'; '.join(errors)}); "
+    f"pass another --workdir."
+  )

@@ -43,9 +43,12 @@ def validate(config: Any) -> None:
       f"seq_len={config.seq_len} exceeds model.max_seq_len="
       f"{config.model.max_seq_len}; raise model.max_seq_len or shorten seq_len."
     )
-  for key in ("steps", "global_batch_size", "seq_len"):
+  for key in ("steps", "global_batch_size", "seq_len", "log_every"):
     if int(config[key]) <= 0:
       raise ValueError(f"{key}={config[key]} must be positive.")
+  for key in ("eval_every", "checkpoint_every", "sample_every"):
+    if int(config[key]) < 0:
+      raise ValueError(f"{key}={config[key]} must be positive, or 0 for never.")
 
 
 def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
@@ -63,6 +66,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns last metrics."""
   validate(config)
   workdir = absolute(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir={workdir} is a file; give a directory for the run.")
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = create_mesh(config.mesh)
   check_batch_fits_mesh(config, mesh)
@@ -137,7 +142,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     model_flops,
     f"{xla_flops:.3e}" if xla_flops else "n/a",
   )
-  peak = flops.device_peak_flops()
+  try:
+    peak = flops.device_peak_flops()
+  except ValueError as e:  # An accelerator missing from the table: no MFU, but train.
+    logging.warning("%s MFU is logged as NaN.", e)
+    peak = float("nan")
 
   data_fn = lambda: {
     "step": None,
@@ -168,6 +177,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   pending = None
   window = {"loss": [], "z_loss": [], "grad_norm": [], "learning_rate": [], "num_tokens": []}
   window_start = time.perf_counter()
+  paused = 0.0  # Seconds of the window spent evaluating, sampling and saving, not training.
   last: dict[str, float] = {}
   step = start_step
   try:
@@ -190,7 +200,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         _check_and_collect(pending, window)
         pending = None
       if step % config.log_every == 0 or step == config.steps:
-        elapsed = time.perf_counter() - window_start
+        elapsed = time.perf_counter() - window_start - paused
         n = len(window["loss"])
         tokens_per_sec = sum(window["num_tokens"]) and tokens_per_step * n / elapsed
         last = {
@@ -203,21 +213,27 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         if config.z_loss:
           last["z_loss"] = float(np.mean(window["z_loss"]))
         writer.write_scalars(step, last)
+        _log_progress(step, config.steps, last, elapsed / max(n, 1))
         window = {k: [] for k in window}
-        window_start = time.perf_counter()
-      if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-        eval_loss = _evaluate(eval_step, state.params, pipeline)
-        writer.write_scalars(step, {"eval_loss": eval_loss})
-        last["eval_loss"] = eval_loss
-      if sampler and (step % config.sample_every == 0 or step == config.steps):
-        sampler(step, state.params)
+        window_start, paused = time.perf_counter(), 0.0
+      pause_start = time.perf_counter()
       preempted = preemption.reached(step)
+      # Save first: an evaluation or sample that fails then loses no training.
       if (
         (config.checkpoint_every and step % config.checkpoint_every == 0)
         or step == config.steps
         or preempted
       ):
         ckpt.save(step, state, {**data_fn(), "step": step}, config_dict)
+      if not preempted:
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+          eval_loss = _evaluate(eval_step, state.params, pipeline)
+          writer.write_scalars(step, {"eval_loss": eval_loss})
+          last["eval_loss"] = eval_loss
+          logging.info("step %d: eval loss %.4f", step, eval_loss)
+        if sampler and (step % config.sample_every == 0 or step == config.steps):
+          sampler(step, state.params)
+      paused += time.perf_counter() - pause_start
       if step != config.steps:
         batch = next(batches)
       if preempted:
@@ -233,6 +249,23 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
   return last
+
+
+def _log_progress(step: int, steps: int, metrics: dict[str, float], step_s: float) -> None:
+  """One console line per logged step: loss, speed, and the time left at this speed."""
+  eta = int(round((steps - step) * step_s))
+  logging.info(
+    "step %d/%d: loss %.4f, %s tokens/s, MFU %.1f%%, %.3f s/step, ETA %d:%02d:%02d",
+    step,
+    steps,
+    metrics["loss"],
+    f"{metrics['tokens_per_sec']:,.0f}",
+    100 * metrics["mfu"],
+    step_s,
+    eta // 3600,
+    eta // 60 % 60,
+    eta % 60,
+  )
 
 
 def _check_and_collect(pending: tuple[int, dict[str, jax.Array]], window: dict) -> None:

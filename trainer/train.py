@@ -23,7 +23,13 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax and CLU are chatty at INFO.
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.steps  # noqa: B018 - the file loads lazily, on first use.
+  except OSError as e:  # The config file is missing or does not load.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit(f"error: --config does not load ({lines[-1]}); pass a configs/*.py file.")
+  try:
+    train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, TrainingError) as e:
     if os.environ.get("LLAMA_TRACEBACK"):
       raise
@@ -35,7 +41,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+    # A bad key arrives as AttributeError(KeyError(message)); str() of a KeyError is a repr.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    message = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+    if isinstance(e, KeyError | AttributeError):
+      message = f"unknown config key: {message}"
     sys.exit(
       f"error: {message} (run with --helpfull for the flags; config keys are in configs/base.py)"
     )
