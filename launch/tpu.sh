@@ -9,6 +9,11 @@ readonly ROOT
 readonly CODE_DIR="llama3-jax"
 readonly RUN_DIR="llama3-jax-run"
 readonly TARBALL="llama3-jax.tar.gz"
+# The workers' Python: a 3.11 venv made by uv (TPU VM images ship Python 3.10, which the pinned
+# jax, flax, orbax and grain no longer support). Unquoted, so the worker's shell expands ~.
+readonly VENV_DIR="llama3-jax-venv"
+# shellcheck disable=SC2088  # The ~ is for the worker's shell, not this one.
+readonly PY="~/$VENV_DIR/bin/python"
 
 usage() {
   cat <<'EOF'
@@ -21,7 +26,7 @@ Commands:
   setup        copy this working tree (tracked and untracked files, not ignored ones) to every
                worker and run `pip install -e '.[tpu]'` there
   train        [--env=KEY=VALUE ...] -- --config=configs/NAME.py --workdir=gs://BUCKET/RUN ...
-               start `python3 -m trainer.train ARGS` on every worker under nohup, one log each
+               start `python -m trainer.train ARGS` on every worker under nohup, one log each
                (~/llama3-jax-run/train.log); the same command again resumes from the workdir
   stop         [--force]  SIGTERM (--force: SIGKILL) the trainer on every worker
   logs         [--worker=N|all] [--node=N|all] [--lines=N] [--follow]  tail the train logs
@@ -179,7 +184,9 @@ cmd_create() {
   if [[ $TYPE == v5e-* ]]; then TYPE="v5litepod-${TYPE#v5e-}"; fi
   ((SPOT + RESERVED < 2)) || die "choose one of --spot and --reserved"
   [[ $SLICES =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$SLICES'"
-  local runtime=${RUNTIME:-$(default_runtime "$TYPE")}
+  # Not `local x=$(...)`: that hides the status of a failed default_runtime (its die).
+  local runtime=$RUNTIME
+  if [[ -z $runtime ]]; then runtime=$(default_runtime "$TYPE") || exit 2; fi
   local args=(gcloud compute tpus queued-resources create "$NAME" "${LOC[@]}"
     --accelerator-type="$TYPE" --runtime-version="$runtime")
   if ((SLICES > 1)); then
@@ -220,17 +227,22 @@ cmd_setup() {
     --node=all --worker=all
   ssh_workers all all "rm -rf $CODE_DIR && mkdir -p $CODE_DIR $RUN_DIR \
 && tar -xzf $TARBALL -C $CODE_DIR && cd $CODE_DIR \
-&& python3 -m pip install -q -U pip && python3 -m pip install -q -e '.[tpu]' \
-&& echo \"\$(hostname): ready\""
+&& { python3 -m pip install -q --user -U uv \
+  || python3 -m pip install -q --user -U --break-system-packages uv; } \
+&& python3 -m uv venv -q --allow-existing --python 3.11 ~/$VENV_DIR \
+&& python3 -m uv pip install -q --python $PY -e '.[tpu]' \
+&& echo \"\$(hostname): ready (\$($PY --version))\""
 }
 
 cmd_train() {
   need_target
   ((${#TRAINER_ARGS[@]})) ||
     die "train needs the trainer's arguments after --, e.g. -- --config=configs/llama3_8b.py --workdir=gs://BUCKET/RUN"
-  local a workdir=""
+  local a workdir="" prev=""
   for a in "${TRAINER_ARGS[@]}"; do
     if [[ $a == --workdir=* ]]; then workdir=${a#--workdir=}; fi
+    if [[ $prev == --workdir ]]; then workdir=$a; fi # absl also takes `--workdir DIR`.
+    prev=$a
   done
   [[ -n $workdir ]] || die "train needs --workdir=gs://BUCKET/RUN after --: every worker checkpoints there"
   if [[ $workdir != gs://* ]]; then
@@ -247,7 +259,7 @@ cmd_train() {
     exports+=" && export ${a%%=*}=$(quote "${a#*=}")"
   done
   local trainer
-  trainer="python3 -m trainer.train $(quote_all "${TRAINER_ARGS[@]}")"
+  trainer="$PY -m trainer.train $(quote_all "${TRAINER_ARGS[@]}")"
   # Two trainers on one worker would fight over the TPU chips: refuse on every worker first.
   ssh_workers all all "if pid=\$(cat $RUN_DIR/train.pid 2>/dev/null) && kill -0 \"\$pid\" 2>/dev/null; \
 then echo \"\$(hostname): a trainer is still running (pid \$pid): launch/tpu.sh stop\" >&2; exit 1; fi"
@@ -291,7 +303,7 @@ cmd_tensorboard() {
   if ((REMOTE)); then
     need_target
     echo "TensorBoard on worker 0, forwarded to http://localhost:$PORT" >&2
-    ssh_workers 0 0 "python3 -m tensorboard.main --logdir=$(quote "$LOGDIR") --port=$PORT" \
+    ssh_workers 0 0 "$PY -m tensorboard.main --logdir=$(quote "$LOGDIR") --port=$PORT" \
       -L "$PORT:localhost:$PORT"
   else
     # Reading gs:// needs your gcloud application-default credentials (and tensorflow, which

@@ -234,7 +234,10 @@ def test_setup_copies_the_tree_to_every_worker_and_installs():
   assert scp[5].endswith(".tar.gz") and scp[6] == "run1:llama3-jax.tar.gz"
   ssh = cmds[-1]
   assert ssh[4] == "ssh" and _flag(ssh, "--worker") == "all" and _flag(ssh, "--node") == "all"
-  assert "pip install -q -e '.[tpu]'" in _flag(ssh, "--command")
+  remote = _flag(ssh, "--command")
+  # Python 3.11 in a venv (the TPU VM images have 3.10, which the pinned jax stack does not take).
+  assert "uv venv -q --allow-existing --python 3.11 ~/llama3-jax-venv" in remote
+  assert "uv pip install -q --python ~/llama3-jax-venv/bin/python -e '.[tpu]'" in remote
 
 
 def test_train_starts_the_trainer_on_every_worker_under_nohup():
@@ -244,13 +247,18 @@ def test_train_starts_the_trainer_on_every_worker_under_nohup():
   for argv in cmds:
     assert argv[4] == "ssh" and _flag(argv, "--worker") == "all" and _flag(argv, "--node") == "all"
   remote = _flag(cmds[1], "--command")
-  assert "nohup python3 -m trainer.train" in remote
+  assert "nohup ~/llama3-jax-venv/bin/python -m trainer.train" in remote
   # Unset, LIBTPU_INIT_ARGS is left to the trainer, which applies trainer.tpu_flags's defaults.
   assert "LIBTPU_INIT_ARGS" not in remote
   # The remote shell gets the trainer's arguments back exactly, spaces included.
   words = shlex.split(remote)
   start = next(i for i, w in enumerate(words) if w.endswith("nohup"))  # `(nohup` in a subshell
-  assert words[start + 1 : start + 4 + len(args)] == ["python3", "-m", "trainer.train", *args]
+  assert words[start + 1 : start + 4 + len(args)] == [
+    "~/llama3-jax-venv/bin/python", "-m", "trainer.train", *args
+  ]  # fmt: skip
+  # absl's `--workdir DIR` form counts as a workdir too.
+  spaced = _commands(_tpu_sh("train", *TARGET, "--", "--config=c.py", "--workdir", "gs://b/r"))
+  assert "--workdir gs://b/r" in _flag(spaced[1], "--command")
   flags = _tpu_sh("train", *TARGET, "--", *args, LIBTPU_INIT_ARGS="--xla_mine=1")
   assert "export LIBTPU_INIT_ARGS=--xla_mine=1 " in _flag(_commands(flags)[1], "--command")
   no_flags = _tpu_sh("train", *TARGET, "--", *args, LIBTPU_INIT_ARGS="")
@@ -259,12 +267,12 @@ def test_train_starts_the_trainer_on_every_worker_under_nohup():
 
 def test_train_command_runs_in_a_worker_shell(tmp_path):
   """The remote command, run by a shell on a stand-in worker, starts the trainer exactly once."""
-  home, bin_dir = tmp_path / "home", tmp_path / "bin"
+  home, bin_dir = tmp_path / "home", tmp_path / "home" / "llama3-jax-venv" / "bin"
   (home / "llama3-jax").mkdir(parents=True)
-  bin_dir.mkdir()
-  python3 = bin_dir / "python3"
-  python3.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$HOME/args"\nexec sleep 30\n')
-  python3.chmod(0o755)
+  bin_dir.mkdir(parents=True)
+  python = bin_dir / "python"  # The venv `setup` makes.
+  python.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$HOME/args"\nexec sleep 30\n')
+  python.chmod(0o755)
   args = ["--config=configs/tiny.py", "--workdir=gs://b/r", "--config.note=it's $HOME"]
   check, start = (_flag(c, "--command") for c in _commands(_tpu_sh("train", *TARGET, "--", *args)))
   env = {"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -316,6 +324,7 @@ def test_logs_stop_status_tensorboard_delete():
     (("train", *TARGET, "--", "--config=c.py"), "--workdir"),
     (("launch", *TARGET), "unknown command"),
     (("create", *TARGET, "--typo=1"), "unknown flag --typo"),
+    (("create", *TARGET, "--type=v7-8"), "no default runtime for --type=v7-8"),
   ],
 )
 def test_user_errors_are_one_clear_line(args, message):
