@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import re
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +46,11 @@ class Compiled:
   compile_s: float
   cost: dict[str, float] | None = None  # flops, bytes, seconds (optimal_seconds), ici_bytes.
   note: str = ""
+
+
+def progress(message: str) -> None:
+  """A timestamped line on stderr: compiles take minutes, and a search runs dozens of them."""
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def with_overrides(config: Any, **overrides: Any) -> Any:
@@ -160,6 +166,12 @@ def _compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: boo
   train_step = step_lib.jit_train_step(
     config, model, tx, optimizer.learning_rate_schedule(config), mesh, rules, shardings
   )
+  m = config.model
+  progress(
+    f"compiling the train step for {len(devices)} {devices[0].platform} devices: mesh "
+    f"{dict(mesh.shape)}, {m.num_layers} layers{' scanned' if m.scan_layers else ''}, remat "
+    f"{m.remat}, batch {config.global_batch_size} x {config.seq_len}"
+  )
   t0 = time.perf_counter()
   # A compile-only executable cannot be loaded back from the persistent cache: never write one.
   min_time = jax.config.jax_persistent_cache_min_compile_time_secs
@@ -171,6 +183,7 @@ def _compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: boo
     peak = parse_oom(str(e), _shard_bytes((state, batch)))
     if peak is None:
       raise
+    progress(f"out of HBM after {time.perf_counter() - t0:.0f} s: {peak / 2**30:.2f} GiB needed")
     return Compiled(False, peak, time.perf_counter() - t0, note="compiler ran out of HBM"), ""
   finally:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
@@ -188,6 +201,7 @@ def _compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: boo
     "seconds": float(raw.get("optimal_seconds", -1.0)),
   }
   hlo = compiled.as_text() if with_hlo else ""
+  progress(f"compiled in {elapsed:.0f} s: {peak / 2**30:.2f} GiB per device")
   return Compiled(peak <= hbm_bytes, peak, elapsed, cost), hlo
 
 
@@ -209,7 +223,9 @@ def step_cost(
     global_batch_size=config.global_batch_size // accum,
   )
   probes, seconds = [], 0.0
-  for depth in [layers] if full_depth else sorted({1, min(2, layers)}):
+  depths = [layers] if full_depth else sorted({1, min(2, layers)})
+  for i, depth in enumerate(depths):
+    progress(f"cost probe {i + 1} of {len(depths)}: the step unscanned with {depth} layer(s)")
     probe, hlo = compile_step(
       with_overrides(config, model__num_layers=depth, **base), devices, hbm_bytes, with_hlo=True
     )

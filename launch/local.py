@@ -15,6 +15,7 @@ child exits 0, else the first failure's.
 import argparse
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,11 +56,16 @@ def child_env(
 
 
 def resolve_command(command: Sequence[str]) -> list[str]:
-  """The command to run; bare flags mean the trainer."""
+  """The command to run; bare flags mean the trainer, and `python` this interpreter."""
   if not command:
     raise ValueError("Nothing to run: put the command after `--`, e.g. `-- python script.py`.")
   if command[0].startswith("-"):
     return [sys.executable, "-m", "trainer.train", *command]
+  if command[0] in ("python", "python3"):
+    # The PATH's python may be another environment without this project (no venv activated).
+    return [sys.executable, *command[1:]]
+  if shutil.which(command[0]) is None:
+    raise ValueError(f"{command[0]!r} is not a command on PATH; check the command after `--`.")
   return list(command)
 
 

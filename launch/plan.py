@@ -87,7 +87,7 @@ def hints(config: Any, peak_bytes: int, hbm_bytes: int) -> list[str]:
   tips = []
   if config.model.remat == "full" and peak_bytes < SPARE_HBM_FRACTION * hbm_bytes:
     tips.append(
-      f"HBM to spare ({peak_bytes / 2**30:.1f} of {hbm_bytes / 2**30:.0f} GiB): "
+      f"HBM to spare ({peak_bytes / 2**30:.1f} of {hbm_bytes / 2**30:.4g} GiB): "
       "--config.model.remat=dots saves the matmul outputs instead of recomputing them (Llama "
       "3.1 8B on v5p-256, 128 x 2048 tokens, --full_depth_cost: 0.337 s at 10.1 GiB, against "
       "0.381 s at 4.7 GiB)"
@@ -268,9 +268,15 @@ def search(
   slices = int(num_slices or config.mesh.num_slices)
   devices = topo_lib.devices(topology, slices)
   results = []
+  most, k = len(meshes) * len(remats) * len(per_device_batches), 0
   for data, fsdp, tensor in meshes:
     for remat in remats:
       for per_device in sorted(per_device_batches):
+        k += 1
+        aot.progress(
+          f"search candidate {k} of at most {most}: mesh {data}x{fsdp}x{tensor}, remat {remat}, "
+          f"{per_device} rows per device"
+        )
         candidate = aot.with_overrides(
           config, mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor, model__remat=remat
         )
@@ -369,6 +375,13 @@ def main() -> None:
     del argv
     from trainer.mesh import MeshError  # noqa: PLC0415
 
+    try:
+      config.value.model  # noqa: B018 - the file loads lazily, on first use.
+    except OSError as e:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      sys.exit(f"error: --config does not load ({lines[-1]}); pass a configs/*.py file.")
+    if slices.value is not None and slices.value < 1:
+      sys.exit(f"error: --slices={slices.value} must be at least 1.")
     try:
       space = None
       if do_search.value:

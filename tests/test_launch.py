@@ -154,9 +154,13 @@ def test_bare_flags_run_the_trainer():
     "trainer.train",
     "--config=configs/tiny.py",
   ]
-  assert local.resolve_command(["python", "x.py"]) == ["python", "x.py"]
+  # `python` is this interpreter: the PATH's may be one without the project (no venv active).
+  assert local.resolve_command(["python", "x.py"]) == [sys.executable, "x.py"]
+  assert local.resolve_command(["sh", "-c", "true"]) == ["sh", "-c", "true"]
   with pytest.raises(ValueError, match="after `--`"):
     local.resolve_command([])
+  with pytest.raises(ValueError, match="'no-such-cmd' is not a command on PATH"):
+    local.resolve_command(["no-such-cmd"])
 
 
 def test_launcher_spec_rejects_partial_or_bad_variables():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,7 +128,7 @@ def test_tiny_plan_fits_with_loop_corrected_costs():
   assert all(key in result for key in KEYS)
   json.dumps(result)
   assert result["fits"] and result["chips"] == 8
-  assert 0 < result["peak_hbm_bytes"] < result["hbm_per_chip_bytes"] == 16 << 30
+  assert 0 < result["peak_hbm_bytes"] < result["hbm_per_chip_bytes"] == int(15.75 * 2**30)
   assert result["tokens_per_step"] == 8 * 128
   # Full remat recomputes the forward pass: hardware FLOPs exceed the model's, but not wildly.
   assert 1.0 <= result["flops_per_step"] / result["model_flops_per_step"] < 3.0
@@ -234,6 +235,9 @@ def test_oversized_batch_does_not_fit_and_exits_3():
   assert result["peak_hbm_bytes"] > result["hbm_per_chip_bytes"]
   assert any("grad_accum_steps" in tip for tip in result["advice"])
   assert "DOES NOT FIT" in proc.stdout
+  # Progress goes to stderr, a line before and after each compile.
+  assert re.search(r"\] compiling the train step for 8 tpu devices: mesh", proc.stderr)
+  assert re.search(r"\] out of HBM after \d+ s: [\d.]+ GiB needed", proc.stderr)
 
 
 def test_bad_topology_is_one_clear_line():
@@ -241,6 +245,13 @@ def test_bad_topology_is_one_clear_line():
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown TPU topology 'v9x-8'")
   assert "v5p-256" in proc.stderr and proc.stdout == ""
+  for args, message in (
+    (["--config=configs/nope.py"], "error: --config does not load ([Errno 2] No such file"),
+    (["--slices=0"], "error: --slices=0 must be at least 1."),
+  ):
+    proc = _cli("--topology=v5p-8", *args, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-1000:]
 
 
 def test_search_lists_fitting_plans_by_mfu():
