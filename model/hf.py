@@ -340,6 +340,7 @@ def save_hf(
       name: np.ascontiguousarray(fn(src).astype(out_dtype, copy=False)) for name, src, fn in shard
     }
     save_file(tensors, os.path.join(hf_dir, fname), metadata={"format": "pt"})
+    os.chmod(os.path.join(hf_dir, fname), 0o644)  # safetensors writes 0600; others read a model.
     weight_map.update({name: fname for name in tensors})
     log.info("Wrote %s (%d/%d)", fname, s + 1, len(shards))
   if len(shards) > 1:

@@ -23,6 +23,7 @@ from trainer import step as step_lib
 from trainer.checkpoint import CheckpointMismatchError, restore_params
 from trainer.loop import train_and_evaluate
 from trainer.mesh import create_mesh
+from trainer.metrics import read_jsonl
 
 STEPS = 12
 CORPUS = {}  # The prepared data every run here trains on, set up once per module.
@@ -177,6 +178,14 @@ def test_kill_9_then_rerun_continues_exactly(tmp_path, straight_cli):
   out, _ = rerun.communicate(timeout=300)
   assert rerun.returncode == 0, out
   assert losses(tmp_path) == straight_cli
+  # Steps logged after the checkpoint were trained again; their first records were dropped.
+  steps = [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
+  assert steps == sorted(set(steps)) == list(range(1, STEPS + 1))
+  # A finished run, rerun, trains nothing more and says so.
+  again = _start(tmp_path)
+  out, _ = again.communicate(timeout=300)
+  assert again.returncode == 0 and "already trained to step 12 (steps=12)" in out, out
+  assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["step"] == STEPS
 
 
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight_cli):

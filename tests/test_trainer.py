@@ -132,6 +132,14 @@ def test_loss_falls_on_repeated_data():
   assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_parameters_that_do_not_split_over_the_mesh_are_one_clear_error():
+  config = tiny_config(**{"mesh.tensor": 8, "mesh.fsdp": 1})  # 2 kv heads over 8 devices.
+  mesh = create_mesh(config.mesh, jax.devices())
+  model = Llama3(state_lib.model_config(config))
+  with pytest.raises(ValueError, match=r"attn/k/kernel has 2 along 'kv_heads', .* of size 8; "):
+    state_lib.param_shardings(model, mesh, state_lib.logical_rules(config))
+
+
 def test_mesh_that_does_not_fit_is_one_clear_error():
   config = tiny_config(**{"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1})
   with pytest.raises(MeshError, match="needs 3 devices but 8 are available"):

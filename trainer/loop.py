@@ -23,7 +23,7 @@ from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.checkpoint import Checkpointer, absolute
 from trainer.mesh import create_mesh, mesh_context
-from trainer.metrics import create_writers
+from trainer.metrics import create_writers, truncate_jsonl
 from trainer.watchdog import Preemption, Watchdog
 
 
@@ -102,13 +102,27 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     state, data_state, start_step = restored
     if data_state.get("fingerprint") != pipeline.fingerprint and not config.data.allow_new_data:
       raise ValueError(
-        f"This run was trained on data {data_state.get('fingerprint')!r} but "
-        f"the configured data is {pipeline.fingerprint!r}; point data.path back "
-        "at it, or set --config.data.allow_new_data=True to continue on new data."
+        f"This run was trained on data {data_state.get('fingerprint')!r} but the configured "
+        f"data (data.source, data.path, seq_len, tokenizer) is {pipeline.fingerprint!r}; "
+        "configure the data the run used, or set --config.data.allow_new_data=True to continue "
+        "on new data."
       )
     if data_state.get("iterator") is not None and hasattr(pipeline, "restore"):
       pipeline.restore(data_state["iterator"])
     logging.info("Resumed from step %d in %s.", start_step, ckpt.directory)
+    if start_step >= config.steps:
+      logging.info(
+        "%s is already trained to step %d (steps=%d); raise --config.steps to train on.",
+        workdir,
+        start_step,
+        config.steps,
+      )
+      ckpt.close()
+      return {}
+    if lead:  # Steps logged after this checkpoint are trained again: their records go.
+      dropped = truncate_jsonl(str(workdir / "metrics.jsonl"), start_step)
+      if dropped:
+        logging.info("Dropped %d metrics.jsonl records after step %d.", dropped, start_step)
   else:
     state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
     start_step = 0

@@ -111,3 +111,21 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
       except json.JSONDecodeError:
         continue
   return records
+
+
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Drops the records after `last_step` (and torn lines) from a metrics file; returns how many."""
+  p = epath.Path(path)
+  if not p.exists():
+    return 0
+  lines = p.read_text().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      if int(json.loads(line)["step"]) <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+      continue
+  if len(kept) != len(lines):
+    p.write_text("".join(kept))
+  return len(lines) - len(kept)

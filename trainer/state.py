@@ -45,7 +45,31 @@ def param_shardings(model: Llama3, mesh: Mesh, rules: list) -> Any:
   """NamedShardings of every parameter, from its logical axis names and the rules."""
   boxed = jax.eval_shape(lambda r: _init_params(model, r), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  _check_divisible(boxed, shardings, mesh)
+  return shardings
+
+
+def _check_divisible(boxed: Any, shardings: Any, mesh: Mesh) -> None:
+  """A clear error for a parameter dimension that its mesh axes do not split evenly."""
+  for (path, leaf), sharding in zip(
+    jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)),
+    jax.tree.leaves(shardings),
+  ):
+    names = getattr(leaf, "names", None) or (None,) * len(leaf.shape)
+    shape = leaf.unbox().shape if isinstance(leaf, nn.Partitioned) else leaf.shape
+    for size, name, axes in zip(shape, names, sharding.spec):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = 1
+      for axis in axes:
+        parts *= mesh.shape[axis]
+      if size % parts:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ValueError(
+          f"Parameter {where} has {size} along {name!r}, which does not split over mesh axes "
+          f"{axes} of size {parts}; pick mesh sizes that divide {size}, or map {name!r} to other "
+          f"axes in sharding_rules."
+        )
 
 
 def state_shardings(
