@@ -215,8 +215,11 @@ def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
   return docs, stats
 
 
-def expand_input(pattern: str) -> list[str]:
-  """Sorted files matching a glob (or several, comma-separated); a dir means every file in it."""
+def expand_input(pattern: str, flag: str = "--input") -> list[str]:
+  """Sorted files matching a glob (or several, comma-separated); a dir means every file in it.
+
+  `flag` is the setting to name when nothing matches.
+  """
   paths: set[str] = set()
   for part in (p.strip() for p in pattern.split(",") if p.strip()):
     part = os.path.expanduser(part)
@@ -225,7 +228,7 @@ def expand_input(pattern: str) -> list[str]:
     paths.update(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
   if not paths:
     raise FileNotFoundError(
-      f"--input={pattern!r} matches no files; check the path (quote globs so the shell keeps them)."
+      f"{flag}={pattern!r} matches no files; check the path (quote globs so the shell keeps them)."
     )
   return sorted(paths)
 

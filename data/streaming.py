@@ -183,7 +183,7 @@ class StreamingPipeline:
     self.shard, self.num_shards = host_shard(sharding, global_batch, seq_len)
     self.fingerprint = f"{source}:{path}:{self.tokenizer.fingerprint}:{seq_len}"
     if source == "text":  # The saved position indexes the file list: it must not change.
-      files = [(f, os.path.getsize(f)) for f in expand_input(path)]
+      files = [(f, os.path.getsize(f)) for f in expand_input(path, "data.path")]
       digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
       self.fingerprint += f":{digest}"
     self._it: Any = None
@@ -192,7 +192,7 @@ class StreamingPipeline:
   def _documents(self, spec: str, *, train: bool) -> grain.IterDataset:
     seed = self.seed if train else -1
     if self.source == "text":
-      files = expand_input(spec)
+      files = expand_input(spec, "data.path" if spec == self.path else "data.eval_path")
       return FileDocuments(files, self.text_field, self.shard, self.num_shards, seed, repeat=train)
     data = open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec)
     ds = grain.MapDataset.source(data)[self.shard :: self.num_shards]
@@ -243,7 +243,7 @@ class StreamingPipeline:
     """Raises now, not at the first evaluation, when there is no held-out data to evaluate on."""
     spec = self._eval_spec()
     if self.source == "text":
-      expand_input(spec)
+      expand_input(spec, "data.eval_path")
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """`eval_steps` batches from the start of the held-out data (the same every call)."""

@@ -282,6 +282,8 @@ then echo \"\$(hostname): sent SIG$sig to \$pid\"; else echo \"\$(hostname): no 
 cmd_logs() {
   need_target
   [[ $LINES =~ ^[0-9]+$ ]] || die "--lines must be a number, got '$LINES'"
+  [[ $WORKER =~ ^([0-9]+|all)$ ]] || die "--worker must be a number or all, got '$WORKER'"
+  [[ $NODE =~ ^([0-9]+|all)$ ]] || die "--node must be a number or all, got '$NODE'"
   local tail_args="-n $LINES"
   if ((FOLLOW)); then
     [[ $WORKER != all && $NODE != all ]] || die "--follow needs one worker: --worker=N --node=N"

@@ -123,7 +123,7 @@ def test_text_fingerprint_follows_the_files_and_eval_is_checked_early(tmp_path):
   assert _pipeline("text", glob).fingerprint != before
   with pytest.raises(ValueError, match="needs data.eval_path .* or set eval_every=0"):
     _pipeline("text", glob).check_eval()
-  with pytest.raises(FileNotFoundError, match="matches no files"):
+  with pytest.raises(FileNotFoundError, match="data.eval_path='.*held-out-.*' matches no files"):
     _pipeline("text", glob, eval_path=str(tmp_path / "held-out-*.jsonl")).check_eval()
   _pipeline("text", glob, eval_path=str(tmp_path / "a0.jsonl")).check_eval()
 

@@ -246,5 +246,8 @@ def test_cli_on_an_hf_checkpoint(tmp_path):
   assert printed.startswith("def add") and len(printed) > len("def add")
   with pytest.raises(ValueError, match="exactly one"):
     generate_text("x")
-  with pytest.raises(FileNotFoundError, match="tokenizer"):
+  with pytest.raises(FileNotFoundError, match="elsewhere is not a directory; .*nothing is downl"):
     generate_text("x", hf_checkpoint=str(tmp_path / "elsewhere"))
+  (tmp_path / "no_tokenizer").mkdir()
+  with pytest.raises(FileNotFoundError, match="copy the model's tokenizer there"):
+    generate_text("x", hf_checkpoint=str(tmp_path / "no_tokenizer"))

@@ -329,6 +329,7 @@ def test_logs_stop_status_tensorboard_delete():
     (("launch", *TARGET), "unknown command"),
     (("create", *TARGET, "--typo=1"), "unknown flag --typo"),
     (("create", *TARGET, "--type=v7-8"), "no default runtime for --type=v7-8"),
+    (("logs", *TARGET, "--worker=abc"), "--worker must be a number or all"),
   ],
 )
 def test_user_errors_are_one_clear_line(args, message):

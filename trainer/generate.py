@@ -37,6 +37,11 @@ def load_model(
     return config, params, load_tokenizer(tok_dir)
   from model.hf import load_hf  # noqa: PLC0415
 
+  if not os.path.isdir(hf_checkpoint):
+    raise FileNotFoundError(
+      f"--hf_checkpoint={hf_checkpoint} is not a directory; pass a local Hugging Face model dir "
+      f"(nothing is downloaded)."
+    )
   # Find the tokenizer before reading what may be gigabytes of weights.
   paths = [os.path.join(hf_checkpoint, name) for name in _HF_TOKENIZER_FILES]
   tokenizer_path = next((p for p in paths if os.path.isfile(p)), None)
