@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import fractions
 import glob
 import hashlib
@@ -174,6 +175,7 @@ def prepare(
   tmp = f"{output}{_TMP}{socket.gethostname()}-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  old = f"{tmp}-replaced"  # Where an --overwrite'n output waits until the new one is in place.
   try:
     meta = _prepare_into(
       source,
@@ -190,13 +192,17 @@ def prepare(
       progress=progress,
       start=start,
     )
-    # Readers only ever see a complete directory: the rename is the commit.
+    # Readers only ever see a complete directory: the rename is the commit. An old output is
+    # moved aside first and deleted last, so a failure in between can put it back.
     if os.path.exists(output):
-      shutil.rmtree(output)
+      os.replace(output, old)
     os.replace(tmp, output)
   except BaseException:
+    if os.path.exists(old) and not os.path.exists(output):
+      os.replace(old, output)
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  shutil.rmtree(old, ignore_errors=True)
   if progress:
     print(_summary(meta, output), file=sys.stderr)
   return meta
@@ -260,24 +266,26 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
   init = (tok.path or "byte", dtypes["tokens"])
   tokenize_start = time.perf_counter()
   results = _ordered_map(_tokenize, source.chunks(kw["chunk_bytes"]), kw["num_workers"], init)
-  for flat, lengths, chunk_stats in results:
-    for k in STAT_KEYS:
-      stats[k] += chunk_stats[k]
-    bar.update(chunk_stats["num_bytes"])
-    if source.num_examples and source.total_bytes is None:
-      # A dataset of known length: the total (so the ETA) from the bytes per example so far.
-      read += len(lengths) + chunk_stats["num_empty"] + chunk_stats["num_bad_lines"]
-      bar.total = round(bar.n / max(read, 1) * source.num_examples)
-    is_eval = eval_documents(np.arange(num_docs, num_docs + len(lengths)), frac)
-    num_docs += len(lengths)
-    if num_docs == 0 and stats["num_no_field"] >= _NO_FIELD_LIMIT:
-      raise no_field_error(source.name, text_field)
-    for split, mask in (("train", ~is_eval), ("eval", is_eval)):
-      if mask.any():
-        tokens = flat if mask.all() else _select_documents(flat, lengths, mask)
-        counts[split].update(documents=int(mask.sum()), tokens=len(tokens))
-        rows = packers[split].add(tokens, lengths[mask])
-        writers[split].write(encode_rows(rows, dtypes))
+  # closing(): an error in this loop's body also stops the workers (the generator's cleanup).
+  with contextlib.closing(results):
+    for flat, lengths, chunk_stats in results:
+      for k in STAT_KEYS:
+        stats[k] += chunk_stats[k]
+      bar.update(chunk_stats["num_bytes"])
+      if source.num_examples and source.total_bytes is None:
+        # A dataset of known length: the total (so the ETA) from the bytes per example so far.
+        read += len(lengths) + chunk_stats["num_empty"] + chunk_stats["num_bad_lines"]
+        bar.total = round(bar.n / max(read, 1) * source.num_examples)
+      is_eval = eval_documents(np.arange(num_docs, num_docs + len(lengths)), frac)
+      num_docs += len(lengths)
+      if num_docs == 0 and stats["num_no_field"] >= _NO_FIELD_LIMIT:
+        raise no_field_error(source.name, text_field, first=_NO_FIELD_LIMIT)
+      for split, mask in (("train", ~is_eval), ("eval", is_eval)):
+        if mask.any():
+          tokens = flat if mask.all() else _select_documents(flat, lengths, mask)
+          counts[split].update(documents=int(mask.sum()), tokens=len(tokens))
+          rows = packers[split].add(tokens, lengths[mask])
+          writers[split].write(encode_rows(rows, dtypes))
   bar.close()
   if num_docs == 0 and stats["num_no_field"]:
     raise no_field_error(source.name, text_field)
@@ -333,6 +341,8 @@ def eval_documents(index: np.ndarray, fraction: float) -> np.ndarray:
   if fraction <= 0:
     return np.zeros(index.shape, bool)
   f = fractions.Fraction(fraction).limit_denominator(1 << 20)
+  if f == 0:
+    raise ValueError(f"--eval_fraction={fraction} is too small; use at least 1e-6, or 0 for none.")
   k = index.astype(np.int64)
   ceil = lambda x: -(-x * f.numerator // f.denominator)  # noqa: E731
   return (k >= 1) & (ceil(k) > ceil(k - 1))
@@ -353,7 +363,7 @@ def _summary(meta: dict[str, Any], output: str) -> str:
       ("num_empty", "empty documents"),
       ("num_bad_lines", "JSON lines that do not parse or whose text is not a string"),
       ("num_no_field", "JSON lines without the text field"),
-      ("num_binary_files", "binary files"),
+      ("num_binary_files", "binary file(s)"),
     )
     if meta[key]
   ]

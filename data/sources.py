@@ -8,6 +8,8 @@ import gzip
 import json
 import os
 import re
+import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,9 +35,9 @@ class Chunk:
 def file_kind(path: str) -> str:
   """'jsonl', 'json' (JSON Lines or one array), 'parquet' or 'text' (a document per file)."""
   name = path.lower()
-  if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz")):
+  if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
     return "jsonl"
-  if name.endswith(".json"):
+  if name.endswith((".json", ".json.gz")):
     return "json"
   if name.endswith(".parquet"):
     return "parquet"
@@ -51,30 +53,30 @@ def read_text_file(path: str) -> bytes | None:
   """The bytes of a one-document file (gunzipped), or None for a binary file (NULs in its head)."""
   try:
     with _open_bytes(path) as f:
-      raw = f.read()
-  except (gzip.BadGzipFile, EOFError) as e:
-    raise ValueError(f"{path} is not a complete gzip file ({e}); fix or remove it.") from e
-  return None if b"\0" in raw[:8192] else raw
+      head = f.read(8192)
+      return None if b"\0" in head else head + f.read()
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise ValueError(f"{path} is not a readable gzip file ({e}); fix or remove it.") from e
 
 
 def _read_block(f: Any, path: str, size: int) -> bytes:
   try:
     return f.read(size)
-  except (gzip.BadGzipFile, EOFError) as e:
-    raise ValueError(f"{path} is not a complete gzip file ({e}); fix or remove it.") from e
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise ValueError(f"{path} is not a readable gzip file ({e}); fix or remove it.") from e
 
 
 def _is_json_array(path: str) -> bool:
-  with open(path, "rb") as f:
-    head = f.read(4096).lstrip()
+  with _open_bytes(path) as f:
+    head = _read_block(f, path, 4096).lstrip()
   return head.startswith(b"[")
 
 
 def _json_array_lines(path: str) -> list[bytes]:
   """The elements of a file holding one JSON array, one JSON line each."""
-  with open(path, "rb") as f:
+  with _open_bytes(path) as f:
     try:
-      items = json.loads(f.read())
+      items = json.loads(_read_block(f, path, -1))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{path} is not valid JSON ({e}); fix it or write it as JSON Lines.") from e
   return [json.dumps(item).encode() for item in items]
@@ -116,11 +118,12 @@ def _json_text(line: bytes, field: str) -> tuple[Any, str, bool]:
   return obj[field], "", bad_utf8
 
 
-def no_field_error(origin: str, field: str) -> ValueError:
-  """The error for JSON records none of which has the text field."""
+def no_field_error(origin: str, field: str, first: int = 0) -> ValueError:
+  """The error for JSON records none of which (or none of the `first`) has the text field."""
+  which = f"none of the first {first} JSON lines has" if first else "no JSON line has"
   return ValueError(
-    f"{origin}: no JSON line has a field {field!r}; set --text_field (data.text_field) to the "
-    f"field that holds the text."
+    f"{origin}: {which} a field {field!r}; set --text_field (data.text_field) to the field that "
+    f"holds the text."
   )
 
 
@@ -131,15 +134,15 @@ def _json_lines(path: str) -> Iterator[bytes]:
   with _open_bytes(path) as f:
     try:
       yield from f
-    except (gzip.BadGzipFile, EOFError) as e:
-      raise ValueError(f"{path} is not a complete gzip file ({e}); fix or remove it.") from e
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+      raise ValueError(f"{path} is not a readable gzip file ({e}); fix or remove it.") from e
 
 
 def iter_file_documents(path: str, text_field: str = "text") -> Iterator[Any]:
   """Raw documents of one file, in order.
 
-  Lines that are not JSON, or whose field is missing or not a string, are skipped; a file where
-  no line has the field is an error (the wrong --text_field). Binary text files yield nothing.
+  Lines that are not JSON, or whose field is missing or not a string, are skipped, with a
+  warning for a file where no line has the field. Binary text files yield nothing.
   """
   kind = file_kind(path)
   if kind == "text":
@@ -156,7 +159,7 @@ def iter_file_documents(path: str, text_field: str = "text") -> Iterator[Any]:
         if raw is not None:
           yield raw
     if missing and not found:
-      raise no_field_error(path, text_field)
+      print(f"warning: {no_field_error(path, text_field)} Its lines are skipped.", file=sys.stderr)
   else:
     for batch in _parquet_batches(path, text_field):
       yield from batch

@@ -24,7 +24,7 @@ Commands:
                request a slice (TYPE e.g. v5p-256, v6e-256, v5litepod-16, v4-128); with
                --slices=N > 1, N slices of TYPE joined over the data-center network
   setup        copy this working tree (tracked and untracked files, not ignored ones) to every
-               worker and run `pip install -e '.[tpu]'` there
+               worker and install it there in a Python 3.11 venv (~/llama3-jax-venv, made by uv)
   train        [--env=KEY=VALUE ...] -- --config=configs/NAME.py --workdir=gs://BUCKET/RUN ...
                start `python -m trainer.train ARGS` on every worker under nohup, one log each
                (~/llama3-jax-run/train.log); the same command again resumes from the workdir

@@ -197,20 +197,29 @@ def test_json_gz_binary_and_odd_lines(tmp_path):
   (d / "b.json").write_text(json.dumps([{"text": good[3]}, good[4], {"other": 1}]))
   with gzip.open(d / "c.txt.gz", "wt") as f:
     f.write(good[5])
+  with gzip.open(d / "e.json.gz", "wt") as f:  # A gzipped JSON array.
+    json.dump([{"text": "from a gzipped array"}], f)
   (d / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
   out = str(tmp_path / "out")
   meta = prepare(str(d), out, seq_len=16, num_workers=0, eval_fraction=0)
-  assert meta["num_documents"] == 6
+  assert meta["num_documents"] == 7
   assert (meta["num_bad_lines"], meta["num_no_field"], meta["num_binary_files"]) == (3, 2, 1)
   assert _summary(meta, out).endswith(
     "; skipped 3 JSON lines that do not parse or whose text is not a string, 2 JSON lines "
-    "without the text field, 1 binary files"
+    "without the text field, 1 binary file(s)"
   )
   tok = load_tokenizer(out)
-  assert sorted(tok.decode(x) for x in _documents(out, "train")) == sorted(good)
+  assert sorted(tok.decode(x) for x in _documents(out, "train")) == sorted(
+    [*good, "from a gzipped array"]
+  )
   (tmp_path / "broken.txt.gz").write_bytes(gzip.compress(b"hello world")[:-6])
-  with pytest.raises(ValueError, match="broken.txt.gz is not a complete gzip file"):
+  with pytest.raises(ValueError, match="broken.txt.gz is not a readable gzip file"):
     prepare(str(tmp_path / "broken.txt.gz"), str(tmp_path / "o2"), seq_len=8, num_workers=0)
+  garbled = bytearray(gzip.compress(b"hello world " * 100))
+  garbled[12:20] = b"\xff" * 8  # Inside the deflate stream: a zlib error, not a gzip one.
+  (tmp_path / "garbled.txt.gz").write_bytes(bytes(garbled))
+  with pytest.raises(ValueError, match="garbled.txt.gz is not a readable gzip file"):
+    prepare(str(tmp_path / "garbled.txt.gz"), str(tmp_path / "o2"), seq_len=8, num_workers=0)
   (tmp_path / "bad.json").write_text('[{"text": "a"},')
   with pytest.raises(ValueError, match="bad.json is not valid JSON"):
     prepare(str(tmp_path / "bad.json"), str(tmp_path / "o3"), seq_len=8, num_workers=0)
@@ -223,6 +232,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
   with pytest.raises(FileExistsError, match="--output=.*afile is a file"):
     prepare(ok, str(tmp_path / "afile"), seq_len=8, num_workers=0)
   assert (tmp_path / "afile").read_text() == "precious"
+  with pytest.raises(ValueError, match="--eval_fraction=1e-08 is too small"):
+    prepare(ok, str(tmp_path / "o"), seq_len=8, eval_fraction=1e-8, num_workers=0)
   for f in (1.0, 1.5, -0.1):
     with pytest.raises(ValueError, match=f"--eval_fraction={f} must be at least 0 and below 1"):
       prepare(ok, str(tmp_path / "o"), seq_len=8, eval_fraction=f)
@@ -302,7 +313,9 @@ def test_a_stopped_run_leaves_no_workers_and_no_partial_output(tmp_path, sig):
   )
   try:
     # Workers are the children other than multiprocessing's resource tracker.
-    workers = lambda: [c for c in _children(proc.pid) if b"resource_tracker" not in _cmd(c)]  # noqa: E731
+    def workers():
+      return [c for c in _children(proc.pid) if b"resource_tracker" not in _cmd(c)]
+
     assert _wait(
       lambda: workers() and any(p.name.startswith("out.tmp-") for p in tmp_path.iterdir()), 120
     )

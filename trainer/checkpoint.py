@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -93,15 +94,19 @@ class Checkpointer:
     is an error, not a fallback.
     """
     for step in reversed(self.all_steps()):
+      saved, error = None, None
       try:
         saved = self.saved_config(step)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
+        error = e
+      # Every host takes the same branch, or the ones that did not would wait in a collective.
+      if not _on_every_host(error is None):
         # Set aside like a failed restore: left in place, the step would block the save of
         # the same step later in this run.
         logging.warning(
           "Checkpoint at step %d is unreadable (%s); moved it to %s and trying an older one.",
           step,
-          _first_line(e),
+          _first_line(error) if error else "on another host",
           self._set_aside(step),
         )
         continue
@@ -119,6 +124,7 @@ class Checkpointer:
           f"model.param_dtype is {model.param_dtype}; set --config.model.param_dtype={dtype}, "
           f"or start a new --workdir with --config.init_from={self.directory.parent}."
         )
+      restored = None
       try:
         restored = self.manager.restore(
           step,
@@ -127,10 +133,12 @@ class Checkpointer:
           ),
         )
       except Exception as e:  # noqa: BLE001
+        error = e
+      if not _on_every_host(error is None):
         logging.warning(
           "Checkpoint at step %d failed to restore (%s); moved it to %s and trying an older one.",
           step,
-          _first_line(e),
+          _first_line(error) if error else "on another host",
           self._set_aside(step),
         )
         continue
@@ -161,6 +169,15 @@ class Checkpointer:
     self.manager.close()
 
 
+def _on_every_host(ok: bool) -> bool:
+  """Whether `ok` holds on every process (one process: whether it holds here)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
@@ -188,6 +205,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
   )
   steps = sorted(manager.all_steps())
   if not steps:
+    manager.close()
     raise FileNotFoundError(
       f"{workdir} has no checkpoints yet; train first or pass another run's dir."
     )
@@ -206,12 +224,15 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
     state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
   )
   if step is not None and step not in steps:
+    manager.close()
     raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has {steps}.")
   errors = []
   try:
     for s in [step] if step is not None else reversed(steps):
       try:
-        return mcfg, manager.restore(s, args=args)["state"]["params"]
+        params = manager.restore(s, args=args)["state"]["params"]
+        logging.info("Read the parameters of step %d from %s.", s, run_dir / "checkpoints")
+        return mcfg, params
       except Exception as e:  # noqa: BLE001 - a corrupt checkpoint falls back to an older one.
         errors.append(f"step {s}: {_first_line(e)}")
         logging.warning("Checkpoint at step %d failed to restore (%s).", s, _first_line(e))
@@ -219,5 +240,5 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
     manager.close()
   raise ValueError(
     f"No checkpoint in {run_dir / 'checkpoints'} restores ({'; '.join(errors)}); "
-    f"pass another --workdir."
+    f"pass another run's dir."
   )

@@ -24,7 +24,7 @@ PEAK_FLOPS = (
   ("a100", 312e12),
 )
 # HBM per chip in bytes that libtpu 0.0.42.1 lets a program use ("exceeds available HBM" in its
-# out-of-memory error), for planning: a little under the 32, 16, 95 and 32 GiB on the spec pages.
+# out-of-memory error), for planning; the spec pages round them to 32, 16, 95 and 32 GiB.
 HBM_BYTES = {
   "v4": int(30.75 * 2**30),
   "v5e": int(15.75 * 2**30),

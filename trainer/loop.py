@@ -100,9 +100,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   restored = ckpt.restore_latest(state_lib.abstract_state(model, tx, shardings), mcfg)
   if restored is not None:
     state, data_state, start_step = restored
-    if data_state.get("fingerprint") != pipeline.fingerprint and not config.data.allow_new_data:
+    saved_fp = data_state.get("fingerprint")
+    if saved_fp and pipeline.fingerprint.startswith(f"{saved_fp}:"):
+      # Saved before text streams fingerprinted their file list: the rest of it matches.
+      saved_fp = pipeline.fingerprint
+    if saved_fp != pipeline.fingerprint and not config.data.allow_new_data:
       raise ValueError(
-        f"This run was trained on data {data_state.get('fingerprint')!r} but the configured "
+        f"This run was trained on data {saved_fp!r} but the configured "
         f"data (data.source, data.path, seq_len, tokenizer) is {pipeline.fingerprint!r}; "
         "configure the data the run used, or set --config.data.allow_new_data=True to continue "
         "on new data."
@@ -209,6 +213,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         or step == config.steps
         or (config.eval_every and step % config.eval_every == 0)
         or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        or (config.sample_every and step % config.sample_every == 0)
       )
       if boundary:
         _check_and_collect(pending, window)

@@ -57,7 +57,7 @@ def _check_divisible(boxed: Any, shardings: Any, mesh: Mesh) -> None:
     jax.tree.leaves(shardings),
   ):
     names = getattr(leaf, "names", None) or (None,) * len(leaf.shape)
-    shape = leaf.unbox().shape if isinstance(leaf, nn.Partitioned) else leaf.shape
+    shape = leaf.value.shape if isinstance(leaf, nn.Partitioned) else leaf.shape
     for size, name, axes in zip(shape, names, sharding.spec):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       parts = 1
