@@ -72,3 +72,28 @@ def make_batch(
   """One global batch; `read_rows(global_row_indices)` returns examples for just those rows."""
   local = host_rows(sharding, global_batch, seq_len)
   return assemble(sharding, global_batch, seq_len, local, read_rows(local))
+
+
+def on_every_host(ok: bool) -> bool:
+  """Whether `ok` holds on every process, so that all take the same branch before a collective."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def gather_json(value: object) -> list:
+  """`value` (JSON-able) of every process, in process order; every process gets the list."""
+  import json
+
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+
+  payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size]))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: payload.size] = payload
+  everyone = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(everyone[i, : sizes[i]])) for i in range(len(sizes))]

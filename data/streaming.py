@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from data.batching import assemble, host_rows, rows_to_example
+from data.batching import assemble, host_rows, on_every_host, rows_to_example
 from data.sources import clean_text, expand_input, iter_file_documents, open_hf, open_tfds
 from data.tokenizers import Tokenizer, load_tokenizer
 
@@ -247,13 +247,16 @@ class StreamingPipeline:
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """`eval_steps` batches from the start of the held-out data (the same every call)."""
-    it = iter(self._batches(self._eval_spec(), train=False))
+    spec = self._eval_spec()
+    it = iter(self._batches(spec, train=False))
     for _ in range(self.eval_steps):
       examples = next(it, None)
-      if examples is None:
+      # Every host stops together: one host short of data must not leave the rest in a collective.
+      if not on_every_host(examples is not None):
         raise ValueError(
-          f"the eval data of {self.path!r} has fewer than eval_steps={self.eval_steps} batches; "
-          f"lower eval_steps or set data.eval_path to more data."
+          f"The eval data {spec!r} has fewer than eval_steps={self.eval_steps} batches for a "
+          f"host's shard ({self.num_shards} shards); lower eval_steps or give data.eval_path "
+          f"more data."
         )
       yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)
 

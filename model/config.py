@@ -60,6 +60,21 @@ class ModelConfig:
           f"model.rope_scaling lacks {sorted(missing)}; give all of "
           f"{sorted(_ROPE_SCALING_KEYS)} or set it to None."
         )
+      unknown = set(self.rope_scaling) - _ROPE_SCALING_KEYS - {"rope_type", "type"}
+      kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type", "llama3"))
+      if unknown or kind != "llama3":
+        raise ValueError(
+          f"model.rope_scaling has {sorted(unknown) or f'type {kind!r}'}; only Llama 3.1's "
+          f"scaling ({sorted(_ROPE_SCALING_KEYS)}) is supported."
+        )
+      low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+      if float(scaling["factor"]) < 1 or not 0 < low < high:
+        raise ValueError(
+          f"model.rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor; "
+          f"got {scaling}."
+        )
+      if int(scaling["original_max_position_embeddings"]) <= 0:
+        raise ValueError("model.rope_scaling.original_max_position_embeddings must be positive.")
       object.__setattr__(self, "rope_scaling", FrozenDict(scaling))
     for name in SIZE_FIELDS:
       if int(getattr(self, name)) <= 0:

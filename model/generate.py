@@ -296,13 +296,13 @@ def generate(
   Under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` the cache and activations are
   sharded by the same logical rules as training.
   """
-  if max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(
-      f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}."
-    )
+  check_sampling(max_new_tokens, temperature, top_k, top_p)
   tokens_BxT, lengths_B = pad_prompts(prompt_tokens, pad_id)
+  if tokens_BxT.size and not 0 <= tokens_BxT.min() <= tokens_BxT.max() < config.vocab_size:
+    raise ValueError(
+      f"Prompt token ids span {tokens_BxT.min()}..{tokens_BxT.max()}, outside the model's "
+      f"vocabulary of {config.vocab_size}; encode with the model's own tokenizer."
+    )
   t = tokens_BxT.shape[1]
   if t + max_new_tokens > config.max_seq_len:
     raise ValueError(
@@ -332,6 +332,16 @@ def generate(
   )
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """One ValueError for generation settings that cannot work."""
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+  if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):  # NaNs fail too.
+    raise ValueError(
+      f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}."
+    )
+
+
 def sample_text(
   config: ModelConfig,
   params: Any,
@@ -349,7 +359,12 @@ def sample_text(
   The prompt starts with BOS, as every training document does.
   """
   prompt_ids = tokenizer.encode(prompt, bos=True)
-  max_new_tokens = min(max_new_tokens, max(config.max_seq_len - len(prompt_ids), 0))
+  if len(prompt_ids) >= config.max_seq_len:
+    raise ValueError(
+      f"The prompt is {len(prompt_ids)} tokens (with BOS) but the model's max_seq_len is "
+      f"{config.max_seq_len}; shorten the prompt."
+    )
+  max_new_tokens = min(max_new_tokens, config.max_seq_len - len(prompt_ids))
   tokens = generate(
     config,
     params,

@@ -82,12 +82,20 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, dict[str, float] | None
   theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
   kind = rope.get("rope_type", rope.get("type", "default"))
   if kind == "default":
+    if "factor" in rope:
+      raise ValueError(
+        "config.json's RoPE scaling has a factor but no rope_type; set rope_type to 'llama3' "
+        "(the only scaling supported) or remove the factor."
+      )
     return theta, None
   if kind != "llama3":
     raise ValueError(
       f"RoPE type {kind!r} in config.json is not supported; only 'default' and 'llama3' are."
     )
   keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  missing = [key for key in keys if key not in rope]
+  if missing:
+    raise ValueError(f"config.json's llama3 RoPE scaling lacks {missing}; add them.")
   return theta, {key: rope[key] for key in keys}
 
 
@@ -98,8 +106,15 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
       f"config.json has model_type {hf.get('model_type')!r}, not 'llama'; point at a "
       "LlamaForCausalLM checkpoint (Llama 3, 3.1 or 3.2)."
     )
-  if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
-    raise ValueError("config.json asks for biases or a non-SiLU MLP; only Llama 3 shapes load.")
+  for key, ok in (
+    ("attention_bias", not hf.get("attention_bias")),
+    ("mlp_bias", not hf.get("mlp_bias")),
+    ("hidden_act", hf.get("hidden_act", "silu") == "silu"),
+  ):
+    if not ok:
+      raise ValueError(
+        f"config.json has {key}={hf[key]!r}; only Llama 3 shapes load (no biases, SiLU MLP)."
+      )
   theta, scaling = _rope_from_hf(hf)
   n = int(hf["num_attention_heads"])
   return ModelConfig(
@@ -244,6 +259,12 @@ def load_hf(
   with contextlib.ExitStack() as stack:
     weights = _Weights(hf_dir, stack)
     tie = config.tie_embeddings or "lm_head.weight" not in weights
+    if tie and not config.tie_embeddings:
+      log.warning(
+        "%s: config.json says tie_word_embeddings=false but there is no lm_head.weight; the "
+        "output head is tied to the token embeddings.",
+        hf_dir,
+      )
     changes = {"tie_embeddings": tie, "scan_layers": scan_layers, "param_dtype": np_dtype.name}
     config = c = config.replace(**{**changes, **dict(config_overrides or {})})
     np_dtype, scan_layers = np.dtype(c.weight_dtype), c.scan_layers

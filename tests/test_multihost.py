@@ -30,7 +30,7 @@ FLAGS = [
 ]
 
 
-def start_two_hosts(workdir: Path) -> subprocess.Popen:
+def start_two_hosts(workdir: Path, *extra: str) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=str(REPO))
   for k in distributed.LAUNCHER_VARS:
     env.pop(k, None)
@@ -47,6 +47,7 @@ def start_two_hosts(workdir: Path) -> subprocess.Popen:
     "--config=tests/tiny_run.py",
     f"--workdir={workdir}",
     *FLAGS,
+    *extra,
   ]
   return subprocess.Popen(
     cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -104,3 +105,43 @@ def test_two_hosts_match_one_host_survive_sigterm_and_resume_together(tmp_path):
   got = losses(copy)
   steps = range(stopped + 1, STEPS + 1)
   np.testing.assert_allclose([got[s] for s in steps], [reference[s] for s in steps], rtol=1e-5)
+
+
+def test_a_stream_resumes_exactly_on_two_hosts(tmp_path):
+  """Each host reads its own shard of a streamed text corpus: every host's position is saved
+  (process 0 writes them all) and each host resumes from its own."""
+  import json
+
+  from trainer.metrics import read_jsonl
+
+  rng = np.random.default_rng(0)
+  for f in range(4):
+    lines = []
+    for d in range(40):  # Documents of very different lengths, so the shards drift apart.
+      words = rng.choice(["llama", "pod", "tpu", "shard"], int(rng.integers(1, 60)))
+      lines.append(json.dumps({"text": f"f{f} d{d} " + " ".join(words)}))
+    (tmp_path / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
+  stream = [
+    "--config.data.source=text",
+    f"--config.data.path={tmp_path}/part*.jsonl",
+    "--config.data.tokenizer=byte",
+    "--config.model.vocab_size=320",
+    "--config.steps=16",  # Room after the SIGTERM: the stop must land well before the end.
+    "--config.optimizer.decay_steps=16",
+  ]
+  straight = tmp_path / "straight"
+  finish(start_two_hosts(straight, *stream))
+  stopped = tmp_path / "stopped"
+  proc = start_two_hosts(stopped, *stream)
+  wait_for_step(stopped, 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  finish(proc)
+  (step,) = [p.name for p in (stopped / "checkpoints").iterdir() if p.name.isdigit()]
+  assert int(step) < 16
+  data = json.loads((stopped / "checkpoints" / step / "data" / "metadata").read_text())
+  assert len(data["iterators"]) == 2 and data["iterators"][0] != data["iterators"][1]
+  finish(start_two_hosts(stopped, *stream))
+  want, got = losses(straight), losses(stopped)
+  assert sorted(got) == sorted(want) == list(range(1, 17))
+  np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
+  assert len(read_jsonl(str(stopped / "metrics.jsonl"))) == 16  # Each step logged once.

@@ -242,3 +242,24 @@ def test_metrics_jsonl_survives_a_torn_line_and_object_stores(tmp_path, remote):
   assert lines[0] == '{"step": 1, "loss": 2.0}' and lines[1] == '{"step": 2, "lo'
   assert [json.loads(x) for x in lines[2:]] == [{"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.25}]
   assert [r["step"] for r in read_jsonl(str(path))] == [1, 3, 4]
+
+
+def test_stream_positions_go_back_to_their_own_process():
+  from trainer.loop import _restore_data_position
+
+  class Stream:
+    restored = None
+
+    def restore(self, state):
+      self.restored = state
+
+  s = Stream()
+  _restore_data_position(s, {"iterators": [{"file": 3}]})
+  assert s.restored == {"file": 3}
+  _restore_data_position(s, {"iterator": {"file": 4}})  # Saved before positions were gathered.
+  assert s.restored == {"file": 4}
+  s.restored = None
+  _restore_data_position(s, {"iterators": [{}, {}]})  # Step-indexed data: any host count.
+  assert s.restored is None
+  with pytest.raises(ValueError, match="saved by 2 processes.*resume it on 2 processes"):
+    _restore_data_position(s, {"iterators": [{"file": 1}, {"file": 2}]})

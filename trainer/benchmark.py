@@ -49,6 +49,7 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
+from trainer.loop import check_batch_fits_mesh, validate  # noqa: E402
 from trainer.mesh import (  # noqa: E402
   MESH_AXES,
   MeshError,
@@ -58,9 +59,13 @@ from trainer.mesh import (  # noqa: E402
 )
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default: the config's `steps`).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-_ROUNDS = flags.DEFINE_integer("rounds", 4, "Timed steps are split into rounds; the median counts.")
+_STEPS = flags.DEFINE_integer(
+  "steps", None, "Timed steps (default: the config's `steps`).", lower_bound=1
+)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", lower_bound=0)
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 4, "Timed steps are split into rounds; the median counts.", lower_bound=1
+)
 _TORCH = flags.DEFINE_bool("compare_torch", False, "Also time PyTorch transformers on this CPU.")
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices", 1, "JAX CPU devices unless XLA_FLAGS sets them (0: one per core)."
@@ -238,6 +243,7 @@ def benchmark(
   mcfg = state_lib.model_config(config)
   devices = jax.devices()
   mesh = create_mesh(config.mesh, devices)
+  check_batch_fits_mesh(config, mesh)
   rules = state_lib.logical_rules(config)
   model = Llama3(mcfg)
   tx = optimizer.make_optimizer(config)
@@ -264,7 +270,7 @@ def benchmark(
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
   # The AOT-compiled step needs no ambient mesh; the peak matmuls must not have one.
-  done = 0
+  done, metrics = 0, None
   for _ in range(warmup):
     # The next batch is built on the host while the dispatched step runs.
     state, metrics = compiled(state, batch)
@@ -370,6 +376,11 @@ def main(argv: list[str]) -> None:
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     n = _CPU_DEVICES.value or cpu_device_count(config, cores)
     jax.config.update("jax_num_cpu_devices", n)  # Before any backend exists.
+
+  try:
+    validate(config)  # The trainer's checks: one line, not a traceback from inside jit.
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   runner = None
   if _TORCH.value:
     if jax.default_backend() != "cpu":
@@ -378,12 +389,16 @@ def main(argv: list[str]) -> None:
   try:
     result = benchmark(
       config,
-      steps=_STEPS.value or int(config.steps),
+      steps=_STEPS.value if _STEPS.value is not None else int(config.steps),
       warmup=_WARMUP.value,
       rounds=_ROUNDS.value,
       torch_runner=runner,
       profile_dir=_PROFILE.value,
     )
+  except (ValueError, MeshError) as e:
+    if os.environ.get("LLAMA_TRACEBACK"):
+      raise
+    sys.exit(f"error: {' '.join(str(e).split())}")
   finally:
     if runner is not None:
       runner.close()

@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data.batching import on_every_host
 from model import ModelConfig
 from model.config import SIZE_FIELDS
 
@@ -100,7 +100,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
         error = e
       # Every host takes the same branch, or the ones that did not would wait in a collective.
-      if not _on_every_host(error is None):
+      if not on_every_host(error is None):
         # Set aside like a failed restore: left in place, the step would block the save of
         # the same step later in this run.
         logging.warning(
@@ -134,7 +134,7 @@ class Checkpointer:
         )
       except Exception as e:  # noqa: BLE001
         error = e
-      if not _on_every_host(error is None):
+      if not on_every_host(error is None):
         logging.warning(
           "Checkpoint at step %d failed to restore (%s); moved it to %s and trying an older one.",
           step,
@@ -167,15 +167,6 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def _on_every_host(ok: bool) -> bool:
-  """Whether `ok` holds on every process (one process: whether it holds here)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def _first_line(e: BaseException) -> str:

@@ -65,9 +65,30 @@ def generate_text(
   seed: int = 0,
 ) -> str:
   """The prompt and its continuation by the model of `workdir` or `hf_checkpoint`."""
-  from model.generate import sample_text  # noqa: PLC0415
+  from model.generate import check_sampling, sample_text  # noqa: PLC0415
 
+  check_sampling(max_new_tokens, temperature, top_k, top_p)  # Before loading any weights.
   config, params, tokenizer = load_model(workdir, hf_checkpoint)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(
+      f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+      f"{config.vocab_size}; use the tokenizer the model was trained with."
+    )
+  prompt_len = len(tokenizer.encode(prompt, bos=True))
+  room = config.max_seq_len - prompt_len
+  if room < 1:
+    raise ValueError(
+      f"The prompt is {prompt_len} tokens (with BOS) but the model's max_seq_len is "
+      f"{config.max_seq_len}; shorten the prompt."
+    )
+  if max_new_tokens > room:
+    logging.warning(
+      "Generating %d tokens, not %d: the prompt's %d tokens leave that much of max_seq_len=%d.",
+      room,
+      max_new_tokens,
+      prompt_len,
+      config.max_seq_len,
+    )
   return sample_text(
     config,
     params,
@@ -96,7 +117,8 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}; did you quote --prompt?")
-  logging.set_verbosity(logging.ERROR)  # Orbax narrates a read-only restore; print only text.
+  # Orbax narrates a read-only restore at INFO: warnings (a shortened generation) still show.
+  logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
     text = generate_text(

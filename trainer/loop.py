@@ -16,6 +16,7 @@ from clu import periodic_actions
 from etils import epath
 
 from data import create_pipeline
+from data.batching import gather_json
 from model import Llama3
 from model.attention import describe_attention
 from trainer import flops, optimizer, tpu_flags
@@ -111,8 +112,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         "configure the data the run used, or set --config.data.allow_new_data=True to continue "
         "on new data."
       )
-    if data_state.get("iterator") is not None and hasattr(pipeline, "restore"):
-      pipeline.restore(data_state["iterator"])
+    _restore_data_position(pipeline, data_state)
     logging.info("Resumed from step %d in %s.", start_step, ckpt.directory)
     if start_step >= config.steps:
       logging.info(
@@ -166,10 +166,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     logging.warning("%s MFU is logged as NaN.", e)
     peak = float("nan")
 
+  # Only process 0 writes the data item, so it holds every process's position (a streaming
+  # source's hosts each read their own shard); all processes call this at the same steps.
   data_fn = lambda: {
     "step": None,
     "fingerprint": pipeline.fingerprint,
-    "iterator": pipeline.state() if hasattr(pipeline, "state") else None,
+    "iterators": gather_json(pipeline.state()),
   }
   hooks = (
     [
@@ -268,6 +270,22 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
   return last
+
+
+def _restore_data_position(pipeline: Any, data_state: dict[str, Any]) -> None:
+  """Gives each process its own saved data position (empty for step-indexed pipelines)."""
+  positions = data_state.get("iterators")
+  if positions is None:  # Saved by one process before positions were gathered.
+    positions = [data_state.get("iterator") or {}]
+  if not any(positions):
+    return  # The step number alone fixes the data.
+  if len(positions) != jax.process_count():
+    raise ValueError(
+      f"This run's stream position was saved by {len(positions)} processes, and each reads its "
+      f"own shard of the stream; resume it on {len(positions)} processes (this run has "
+      f"{jax.process_count()}), or prepare the data with data.prepare to change host counts."
+    )
+  pipeline.restore(positions[jax.process_index()])
 
 
 def _log_progress(step: int, steps: int, metrics: dict[str, float], step_s: float) -> None:
