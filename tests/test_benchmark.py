@@ -61,7 +61,7 @@ def run_cli(*extra: str) -> tuple[dict, str]:
 
 
 def test_cli_prints_a_table_then_one_json_line():
-  result, table = run_cli("--steps=2", "--warmup=1", "--rounds=2")
+  result, table = run_cli("--steps=2", "--warmup=0", "--rounds=2")
   assert KEYS <= set(result)
   assert "tokens/s" in table and "JAX" in table
   assert len(result["step_times_s"]) == 2
@@ -72,6 +72,13 @@ def test_cli_prints_a_table_then_one_json_line():
   assert np.isfinite(result["loss"])
   assert result["device"] == "8 x cpu"  # conftest's 8 fake devices carry through.
   assert result["attention"].startswith("xla")
+  for bad, message in (
+    ("--steps=-2", "flag --steps=-2: -2 is not a positive integer"),
+    ("--config.global_batch_size=6", "global_batch_size=6 is not divisible by grad_accum_steps"),
+  ):
+    cmd = [sys.executable, "-m", "trainer.benchmark", "--config=configs/bench.py", bad]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_compares_with_pytorch():

@@ -251,3 +251,15 @@ def test_cli_on_an_hf_checkpoint(tmp_path):
   (tmp_path / "no_tokenizer").mkdir()
   with pytest.raises(FileNotFoundError, match="copy the model's tokenizer there"):
     generate_text("x", hf_checkpoint=str(tmp_path / "no_tokenizer"))
+  with pytest.raises(ValueError, match=r"Need temperature >= 0.*got nan"):
+    generate_text("x", hf_checkpoint=str(tmp_path / "elsewhere"), temperature=float("nan"))
+  with pytest.raises(ValueError, match="The prompt is .* tokens .* max_seq_len is 64; shorten"):
+    generate_text("def add " * 40, hf_checkpoint=str(tmp_path))
+  # A model whose vocabulary is smaller than the tokenizer's: garbage, unless refused.
+  small = tmp_path / "small"
+  save_hf(TINY.replace(vocab_size=128), _init_params(TINY.replace(vocab_size=128), 3), str(small))
+  (small / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+  with pytest.raises(ValueError, match=r"tokenizer has \d+ ids but the model's vocab_size is 128"):
+    generate_text("x", hf_checkpoint=str(small))
+  with pytest.raises(ValueError, match=r"Prompt token ids span 5..200, outside the model's"):
+    generate(TINY.replace(vocab_size=128), params, [[5, 200]], max_new_tokens=2)

@@ -178,6 +178,9 @@ def test_both_rope_spellings_give_one_config(case):
     ("gpt2", "not 'llama'"),
     ("no_weights", "neither model.safetensors"),
     ("yarn", "RoPE type 'yarn'"),
+    ("llama3_partial", r"llama3 RoPE scaling lacks \['low_freq_factor'"),
+    ("untyped_factor", "has a factor but no rope_type"),
+    ("bias", "has attention_bias=True"),
   ],
 )
 def test_not_a_llama_dir_raises_one_clear_sentence(tmp_path, setup, match):
@@ -187,6 +190,12 @@ def test_not_a_llama_dir_raises_one_clear_sentence(tmp_path, setup, match):
     hf["model_type"] = "gpt2"
   if setup == "yarn":
     hf["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+  if setup == "llama3_partial":
+    hf["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0}
+  if setup == "untyped_factor":
+    hf["rope_scaling"] = {"factor": 2.0}
+  if setup == "bias":
+    hf["attention_bias"] = True
   if setup != "empty":
     (tmp_path / "config.json").write_text(json.dumps(hf))
   with pytest.raises(ValueError, match=match) as err:

@@ -187,12 +187,21 @@ def test_preset_parameter_counts(preset, expected):
   assert config.num_params() == expected
 
 
+SCALING = dict(
+  factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
+
+
 @pytest.mark.parametrize(
   "change, match",
   [
     (dict(num_heads=6, num_kv_heads=4), "num_heads=6 is not a multiple of model.num_kv_heads=4"),
     (dict(remat="everything"), "remat='everything' is unknown"),
     (dict(num_layers=0), "num_layers must be a positive integer"),
+    (dict(rope_scaling={**SCALING, "factor": 0.0}), "needs factor >= 1 and 0 < low_freq"),
+    (dict(rope_scaling={**SCALING, "high_freq_factor": 0.5}), "0 < low_freq_factor < high"),
+    (dict(rope_scaling={**SCALING, "rope_type": "linear"}), "type 'linear'; only Llama 3.1"),
+    (dict(rope_scaling={**SCALING, "beta": 1}), r"has \['beta'\]; only Llama 3.1's"),
   ],
 )
 def test_bad_config_raises_clear_error(change, match):
