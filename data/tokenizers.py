@@ -372,6 +372,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> HFTokenizer:
   return HFTokenizer(path)
 
 
+def _prepend_bos(path: str, bos: str, bos_id: int) -> None:
+  """Gives a tokenizer.json without a post-processor one that starts every text with BOS, as
+  training did (transformers applies it by default; this project's own encoding never does)."""
+  from tokenizers import Tokenizer as _Tok
+  from tokenizers import processors
+
+  fast = _Tok.from_file(path)
+  if fast.post_processor is None:
+    fast.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    fast.save(path)
+
+
 def save_for_transformers(tok: Tokenizer, directory: str) -> dict[str, int]:
   """Writes `tok` where `transformers.AutoTokenizer` looks; returns its config.json token ids.
 
@@ -406,6 +420,7 @@ def save_for_transformers(tok: Tokenizer, directory: str) -> dict[str, int]:
         ("pad_token", tok.pad_id),
       )
     }
+  _prepend_bos(path, names["bos_token"], tok.bos_id)
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **names}, f, indent=2)
   return ids

@@ -56,6 +56,9 @@ def run_cli(*extra: str) -> tuple[dict, str]:
     timeout=600,
   )
   assert out.returncode == 0, out.stderr[-3000:]
+  assert (
+    "] compiled the train step in " in out.stderr and "] round 1 of " in out.stderr
+  )  # Progress.
   lines = out.stdout.strip().splitlines()
   return json.loads(lines[-1]), "\n".join(lines[:-1])
 

@@ -256,6 +256,7 @@ def test_exported_tokenizer_loads_in_transformers(tmp_path, kind):
   ids = save_for_transformers(ours, str(tmp_path / "hf"))
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+  assert theirs(text)["input_ids"] == ours.encode(text, bos=True)  # BOS first, as in training.
   assert ids == {
     "bos_token_id": theirs.bos_token_id,
     "eos_token_id": theirs.eos_token_id,
