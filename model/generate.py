@@ -298,9 +298,10 @@ def generate(
   """
   check_sampling(max_new_tokens, temperature, top_k, top_p)
   tokens_BxT, lengths_B = pad_prompts(prompt_tokens, pad_id)
-  if tokens_BxT.size and not 0 <= tokens_BxT.min() <= tokens_BxT.max() < config.vocab_size:
+  real = tokens_BxT[np.arange(tokens_BxT.shape[1]) < lengths_B[:, None]]  # Not the padding.
+  if real.size and not 0 <= real.min() <= real.max() < config.vocab_size:
     raise ValueError(
-      f"Prompt token ids span {tokens_BxT.min()}..{tokens_BxT.max()}, outside the model's "
+      f"Prompt token ids span {real.min()}..{real.max()}, outside the model's "
       f"vocabulary of {config.vocab_size}; encode with the model's own tokenizer."
     )
   t = tokens_BxT.shape[1]

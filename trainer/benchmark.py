@@ -49,7 +49,7 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
-from trainer.loop import check_batch_fits_mesh, validate  # noqa: E402
+from trainer.checks import check_batch_fits_mesh, validate  # noqa: E402
 from trainer.mesh import (  # noqa: E402
   MESH_AXES,
   MeshError,

@@ -23,6 +23,7 @@ from trainer import flops, optimizer, tpu_flags
 from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.checkpoint import Checkpointer, absolute
+from trainer.checks import check_batch_fits_mesh, validate
 from trainer.mesh import create_mesh, mesh_context
 from trainer.metrics import create_writers, truncate_jsonl
 from trainer.watchdog import Preemption, Watchdog
@@ -30,37 +31,6 @@ from trainer.watchdog import Preemption, Watchdog
 
 class TrainingError(RuntimeError):
   """Training cannot go on (a NaN loss, say); the message says where and why."""
-
-
-def validate(config: Any) -> None:
-  """Raises ValueError with one sentence for config values that cannot work together."""
-  accum = int(config.grad_accum_steps)
-  if accum < 1 or config.global_batch_size % accum:
-    raise ValueError(
-      f"global_batch_size={config.global_batch_size} is not divisible by grad_accum_steps={accum}."
-    )
-  if config.seq_len > config.model.max_seq_len:
-    raise ValueError(
-      f"seq_len={config.seq_len} exceeds model.max_seq_len="
-      f"{config.model.max_seq_len}; raise model.max_seq_len or shorten seq_len."
-    )
-  for key in ("steps", "global_batch_size", "seq_len", "log_every"):
-    if int(config[key]) <= 0:
-      raise ValueError(f"{key}={config[key]} must be positive.")
-  for key in ("eval_every", "checkpoint_every", "sample_every"):
-    if int(config[key]) < 0:
-      raise ValueError(f"{key}={config[key]} must be positive, or 0 for never.")
-
-
-def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = config.global_batch_size // config.grad_accum_steps
-  if micro % shards:
-    raise ValueError(
-      f"The batch of {micro} rows per microbatch does not split over data x fsdp "
-      f"= {shards} devices; make global_batch_size / grad_accum_steps a multiple "
-      f"of {shards}."
-    )
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:

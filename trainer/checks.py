@@ -1,0 +1,38 @@
+"""Config checks shared by the trainer, the benchmark and the planner (no heavy imports: the
+benchmark runs where CLU, grain and TensorFlow are not installed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def validate(config: Any) -> None:
+  """Raises ValueError with one sentence for config values that cannot work together."""
+  accum = int(config.grad_accum_steps)
+  if accum < 1 or config.global_batch_size % accum:
+    raise ValueError(
+      f"global_batch_size={config.global_batch_size} is not divisible by grad_accum_steps={accum}."
+    )
+  if config.seq_len > config.model.max_seq_len:
+    raise ValueError(
+      f"seq_len={config.seq_len} exceeds model.max_seq_len="
+      f"{config.model.max_seq_len}; raise model.max_seq_len or shorten seq_len."
+    )
+  for key in ("steps", "global_batch_size", "seq_len", "log_every"):
+    if int(config[key]) <= 0:
+      raise ValueError(f"{key}={config[key]} must be positive.")
+  for key in ("eval_every", "checkpoint_every", "sample_every"):
+    if int(config[key]) < 0:
+      raise ValueError(f"{key}={config[key]} must be positive, or 0 for never.")
+
+
+def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
+  """Raises ValueError when a microbatch's rows do not split over the data and fsdp axes."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.global_batch_size // config.grad_accum_steps
+  if micro % shards:
+    raise ValueError(
+      f"The batch of {micro} rows per microbatch does not split over data x fsdp "
+      f"= {shards} devices; make global_batch_size / grad_accum_steps a multiple "
+      f"of {shards}."
+    )
