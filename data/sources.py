@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -49,34 +50,33 @@ def _open_bytes(path: str) -> Any:
   return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
 
+@contextlib.contextmanager
+def _gzip_errors(path: str) -> Iterator[None]:
+  """Turns a damaged `.gz` file's errors, wherever it is read, into one ValueError naming it."""
+  try:
+    yield
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise ValueError(f"{path} is not a readable gzip file ({e}); fix or remove it.") from e
+
+
 def read_text_file(path: str) -> bytes | None:
   """The bytes of a one-document file (gunzipped), or None for a binary file (NULs in its head)."""
-  try:
-    with _open_bytes(path) as f:
-      head = f.read(8192)
-      return None if b"\0" in head else head + f.read()
-  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-    raise ValueError(f"{path} is not a readable gzip file ({e}); fix or remove it.") from e
-
-
-def _read_block(f: Any, path: str, size: int) -> bytes:
-  try:
-    return f.read(size)
-  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-    raise ValueError(f"{path} is not a readable gzip file ({e}); fix or remove it.") from e
+  with _gzip_errors(path), _open_bytes(path) as f:
+    head = f.read(8192)
+    return None if b"\0" in head else head + f.read()
 
 
 def _is_json_array(path: str) -> bool:
-  with _open_bytes(path) as f:
-    head = _read_block(f, path, 4096).lstrip()
+  with _gzip_errors(path), _open_bytes(path) as f:
+    head = f.read(4096).lstrip()
   return head.startswith(b"[")
 
 
 def _json_array_lines(path: str) -> list[bytes]:
   """The elements of a file holding one JSON array, one JSON line each."""
-  with _open_bytes(path) as f:
+  with _gzip_errors(path), _open_bytes(path) as f:
     try:
-      items = json.loads(_read_block(f, path, -1))
+      items = json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{path} is not valid JSON ({e}); fix it or write it as JSON Lines.") from e
   return [json.dumps(item).encode() for item in items]
@@ -131,11 +131,8 @@ def _json_lines(path: str) -> Iterator[bytes]:
   if file_kind(path) == "json" and _is_json_array(path):
     yield from _json_array_lines(path)
     return
-  with _open_bytes(path) as f:
-    try:
-      yield from f
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-      raise ValueError(f"{path} is not a readable gzip file ({e}); fix or remove it.") from e
+  with _gzip_errors(path), _open_bytes(path) as f:
+    yield from f
 
 
 def iter_file_documents(path: str, text_field: str = "text") -> Iterator[Any]:
@@ -299,8 +296,8 @@ class FileSource(Source):
 
   def _jsonl_chunks(self, path: str, chunk_bytes: int) -> Iterator[Chunk]:
     rest = b""
-    with _open_bytes(path) as f:
-      while block := _read_block(f, path, chunk_bytes):
+    with _gzip_errors(path), _open_bytes(path) as f:
+      while block := f.read(chunk_bytes):
         block = rest + block
         cut = block.rfind(b"\n") + 1
         if cut:  # Only whole lines go out; a partial last line waits for the next block.
