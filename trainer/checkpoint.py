@@ -103,12 +103,7 @@ class Checkpointer:
       if not on_every_host(error is None):
         # Set aside like a failed restore: left in place, the step would block the save of
         # the same step later in this run.
-        logging.warning(
-          "Checkpoint at step %d is unreadable (%s); moved it to %s and trying an older one.",
-          step,
-          _first_line(error) if error else "on another host",
-          self._set_aside(step),
-        )
+        self._fall_back(step, "is unreadable", error)
         continue
       saved_model = saved.get("model", {})
       diff = shape_mismatch(saved_model, model)
@@ -135,15 +130,20 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001
         error = e
       if not on_every_host(error is None):
-        logging.warning(
-          "Checkpoint at step %d failed to restore (%s); moved it to %s and trying an older one.",
-          step,
-          _first_line(error) if error else "on another host",
-          self._set_aside(step),
-        )
+        self._fall_back(step, "failed to restore", error)
         continue
       return restored["state"], restored["data"], step
     return None
+
+  def _fall_back(self, step: int, what: str, error: BaseException | None) -> None:
+    """Sets `step` aside, saying why (`error` is None where another host failed)."""
+    logging.warning(
+      "Checkpoint at step %d %s (%s); moved it to %s and trying an older one.",
+      step,
+      what,
+      _first_line(error) if error else "on another host",
+      self._set_aside(step),
+    )
 
   def _set_aside(self, step: int) -> epath.Path:
     """Moves an unrestorable step out of the manager's sight (never deletes it)."""
