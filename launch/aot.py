@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import math
 import re
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +25,7 @@ from model import Llama3
 from trainer import optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
-from trainer.checks import check_batch_fits_mesh, validate
+from trainer.checks import check_batch_fits_mesh, progress, validate
 from trainer.mesh import create_mesh, mesh_context
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -46,11 +45,6 @@ class Compiled:
   compile_s: float
   cost: dict[str, float] | None = None  # flops, bytes, seconds (optimal_seconds), ici_bytes.
   note: str = ""
-
-
-def progress(message: str) -> None:
-  """A timestamped line on stderr: compiles take minutes, and a search runs dozens of them."""
-  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def with_overrides(config: Any, **overrides: Any) -> Any:

@@ -39,6 +39,7 @@ from launch import aot, report  # noqa: E402
 from launch import topology as topo_lib  # noqa: E402
 from trainer import flops  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
+from trainer.checks import progress  # noqa: E402
 from trainer.mesh import create_mesh  # noqa: E402
 
 NOT_FITTING_EXIT_CODE = 3
@@ -273,7 +274,7 @@ def search(
     for remat in remats:
       for per_device in sorted(per_device_batches):
         k += 1
-        aot.progress(
+        progress(
           f"search candidate {k} of at most {most}: mesh {data}x{fsdp}x{tensor}, remat {remat}, "
           f"{per_device} rows per device"
         )
@@ -373,16 +374,13 @@ def main() -> None:
 
   def program(argv: list[str]) -> None:
     del argv
+    from trainer.checks import load_config  # noqa: PLC0415
     from trainer.mesh import MeshError  # noqa: PLC0415
 
-    try:
-      config.value.model  # noqa: B018 - the file loads lazily, on first use.
-    except OSError as e:
-      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-      sys.exit(f"error: --config does not load ({lines[-1]}); pass a configs/*.py file.")
     if slices.value is not None and slices.value < 1:
       sys.exit(f"error: --slices={slices.value} must be at least 1.")
     try:
+      loaded = load_config(config)
       space = None
       if do_search.value:
         space = dict(
@@ -390,7 +388,7 @@ def main() -> None:
           remats=tuple(remats.value),
           per_device_batches=tuple(int(b) for b in batches.value),
         )
-      code = run(config.value, topology.value, slices.value, compare.value, space, full_depth.value)
+      code = run(loaded, topology.value, slices.value, compare.value, space, full_depth.value)
     except (ValueError, MeshError, topo_lib.TopologyError) as e:
       if os.environ.get("LLAMA_TRACEBACK"):
         raise

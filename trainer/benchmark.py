@@ -49,7 +49,7 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
-from trainer.checks import check_batch_fits_mesh, validate  # noqa: E402
+from trainer.checks import check_batch_fits_mesh, progress, validate  # noqa: E402
 from trainer.mesh import (  # noqa: E402
   MESH_AXES,
   MeshError,
@@ -230,11 +230,6 @@ class TorchRunner:
     self._proc.join(timeout=30)
 
 
-def _progress(message: str) -> None:
-  """A line on stderr while the benchmark runs (stdout ends with the JSON line)."""
-  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def benchmark(
   config: Any,
   *,
@@ -274,7 +269,7 @@ def benchmark(
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-  _progress(f"compiled the train step in {compile_s:.1f} s; {warmup} warm-up steps")
+  progress(f"compiled the train step in {compile_s:.1f} s; {warmup} warm-up steps")
   # The AOT-compiled step needs no ambient mesh; the peak matmuls must not have one.
   done, metrics = 0, None
   for _ in range(warmup):
@@ -295,7 +290,7 @@ def benchmark(
       batch = next(batches)
     jax.block_until_ready((state, metrics))
     times.append((time.perf_counter() - t0) / n)
-    _progress(f"round {len(times)} of {rounds}: {n} steps at {times[-1]:.3f} s/step")
+    progress(f"round {len(times)} of {rounds}: {n} steps at {times[-1]:.3f} s/step")
     if torch_runner is not None:
       seconds, torch_loss = torch_runner.run(done, n)
       torch_times.append(seconds / n)

@@ -1,8 +1,10 @@
-"""Config checks shared by the trainer, the benchmark and the planner (no heavy imports: the
-benchmark runs where CLU, grain and TensorFlow are not installed)."""
+"""Config checks and console progress shared by the trainer, the benchmark and the planner (no
+heavy imports: the benchmark runs where CLU, grain and TensorFlow are not installed)."""
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 
@@ -36,3 +38,20 @@ def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
       f"= {shards} devices; make global_batch_size / grad_accum_steps a multiple "
       f"of {shards}."
     )
+
+
+def load_config(flag: Any) -> Any:
+  """The config of a `--config` flag, loaded now (it loads lazily, on first use); a file that
+  does not load is one ValueError."""
+  try:
+    config = flag.value
+    config.steps  # noqa: B018
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise ValueError(f"--config does not load ({lines[-1]}); pass a configs/*.py file.") from None
+  return config
+
+
+def progress(message: str) -> None:
+  """A timestamped line on stderr, for work that runs minutes (compiles, benchmark rounds)."""
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -22,14 +22,10 @@ def main(argv):
 
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax and CLU are chatty at INFO.
+  from trainer.checks import load_config  # noqa: PLC0415
+
   try:
-    config = _CONFIG.value
-    config.steps  # noqa: B018 - the file loads lazily, on first use.
-  except OSError as e:  # The config file is missing or does not load.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    sys.exit(f"error: --config does not load ({lines[-1]}); pass a configs/*.py file.")
-  try:
-    train_and_evaluate(config, _WORKDIR.value)
+    train_and_evaluate(load_config(_CONFIG), _WORKDIR.value)
   except (ValueError, FileNotFoundError, TrainingError) as e:
     if os.environ.get("LLAMA_TRACEBACK"):
       raise
