@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import sys
@@ -38,12 +37,11 @@ tpu_flags.init_args()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from data.batching import batch_sharding  # noqa: E402
-from data.synthetic import SyntheticPipeline, synthetic_rows  # noqa: E402
+from data.synthetic import SyntheticPipeline  # noqa: E402
 from model import Llama3  # noqa: E402
 from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
@@ -57,6 +55,7 @@ from trainer.mesh import (  # noqa: E402
   mesh_context,
   resolve_shape,
 )
+from trainer.torch_reference import TorchRunner  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _STEPS = flags.DEFINE_integer(
@@ -123,111 +122,6 @@ def peak_memory(compiled: Any, device: Any) -> tuple[int, str]:
   m = compiled.memory_analysis()
   total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
   return int(total + m.temp_size_in_bytes), "compiler estimate"
-
-
-def torch_worker(conn: Any, spec: dict[str, Any]) -> None:
-  """Child process: PyTorch transformers Llama + AdamW; answers ('steps', batches) requests."""
-  import torch  # noqa: PLC0415 - only the comparison needs torch.
-  import transformers  # noqa: PLC0415
-
-  torch.set_num_threads(spec["threads"])
-  torch.manual_seed(0)
-  m = spec["model"]
-  rope = None
-  if m["rope_scaling"]:
-    rope = {"rope_type": "llama3", **m["rope_scaling"]}
-  hf_config = transformers.LlamaConfig(
-    vocab_size=m["vocab_size"],
-    hidden_size=m["embed_dim"],
-    intermediate_size=m["mlp_dim"],
-    num_hidden_layers=m["num_layers"],
-    num_attention_heads=m["num_heads"],
-    num_key_value_heads=m["num_kv_heads"],
-    head_dim=m["head_dim"],
-    max_position_embeddings=m["max_seq_len"],
-    rms_norm_eps=m["norm_eps"],
-    rope_theta=m["rope_theta"],
-    rope_scaling=rope,
-    tie_word_embeddings=m["tie_embeddings"],
-    attention_bias=False,
-    mlp_bias=False,
-  )
-  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[m["dtype"]]
-  model = transformers.LlamaForCausalLM(hf_config).to(dtype)
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = spec["optimizer"]
-  groups = [
-    {"params": [p for p in params if p.ndim >= 2], "weight_decay": opt["weight_decay"]},
-    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-  ]
-  adamw = torch.optim.AdamW(
-    groups, lr=opt["learning_rate"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"]
-  )
-
-  def step(inputs, targets, mask):
-    logits = model(input_ids=inputs).logits.float()
-    ce = torch.nn.functional.cross_entropy(
-      logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    )
-    loss = (ce * mask.reshape(-1)).sum() / mask.sum().clamp(min=1.0)
-    loss.backward()
-    if opt["grad_clip"] > 0:
-      torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
-    adamw.step()
-    adamw.zero_grad(set_to_none=True)
-    return loss
-
-  while (request := conn.recv()) is not None:
-    kind, payload = request
-    if kind == "peak":
-      best = 0.0
-      for n in (1024, 2048):
-        a = torch.ones(n, n)
-        a @ a
-        for _ in range(3):
-          t0 = time.perf_counter()
-          a @ a
-          best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-      conn.send(best)
-      continue
-    batches = [tuple(torch.from_numpy(x) for x in b) for b in payload]
-    t0 = time.perf_counter()
-    for inputs, targets, mask in batches:
-      loss = step(inputs.long(), targets.long(), mask)
-    conn.send((time.perf_counter() - t0, loss.item()))
-
-
-class TorchRunner:
-  """Drives `torch_worker` in a spawned child, so its threads never share a process with XLA's."""
-
-  def __init__(self, config: Any, threads: int):
-    ctx = multiprocessing.get_context("spawn")
-    self._conn, child = ctx.Pipe()
-    model = state_lib.model_config(config).to_dict()
-    spec = {"model": model, "optimizer": dict(config.optimizer), "threads": threads}
-    self._proc = ctx.Process(target=torch_worker, args=(child, spec), daemon=True)
-    self._proc.start()
-    self.seed, self.seq_len, self.vocab = config.seed, config.seq_len, model["vocab_size"]
-    self.rows = np.arange(config.global_batch_size)
-
-  def _ask(self, request: Any) -> Any:
-    self._conn.send(request)
-    return self._conn.recv()
-
-  def matmul_peak(self) -> float:
-    return self._ask(("peak", None))
-
-  def run(self, first_step: int, num_steps: int) -> tuple[float, float]:
-    """(seconds, last loss) for `num_steps` steps on the same synthetic rows JAX trains on."""
-    batches = []
-    for s in range(first_step, first_step + num_steps):
-      ex = synthetic_rows(self.seed, s, self.rows, self.seq_len, self.vocab)
-      batches.append((ex["inputs"], ex["targets"], ex["loss_mask"]))
-    return self._ask(("steps", batches))
-
-  def close(self) -> None:
-    self._conn.send(None)
-    self._proc.join(timeout=30)
 
 
 def benchmark(
