@@ -83,7 +83,8 @@ def _export(args: argparse.Namespace) -> None:
   extra = {}
   tokenizer_dir = os.path.join(args.checkpoint, "tokenizer")  # A training run saves it there.
   if os.path.isdir(tokenizer_dir):
-    from data.tokenizers import save_for_transformers, tokenizer_from_prepared
+    from data.hf_tokenizer import save_for_transformers
+    from data.tokenizers import tokenizer_from_prepared
 
     extra = save_for_transformers(tokenizer_from_prepared(tokenizer_dir), args.output)
     log.info("Wrote the run's tokenizer; special token ids %s", extra)

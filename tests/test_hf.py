@@ -246,7 +246,8 @@ def test_cli_import_export_round_trip(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_exported_tokenizer_loads_in_transformers(tmp_path, kind):
-  from data.tokenizers import ByteTokenizer, save_for_transformers, train_bpe
+  from data.hf_tokenizer import save_for_transformers
+  from data.tokenizers import ByteTokenizer, train_bpe
 
   text = "def f(x):\n    return x ** 2  # café 🦙 \r\n\t 数字 end"
   if kind == "byte":
