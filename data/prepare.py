@@ -14,16 +14,12 @@ import fractions
 import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,6 +27,7 @@ import numpy as np
 from data.packing import Packer, encode_rows, record_bytes, row_dtypes
 from data.sources import STAT_KEYS, Chunk, Source, no_field_error, open_source, read_chunk
 from data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
+from data.workers import ordered_map
 
 FORMAT_VERSION = 1
 # Snappy: fast enough for the byte tokenizer's ~100 MB/s of rows; zstd would be the bottleneck.
@@ -40,18 +37,9 @@ _WORKER: dict[str, Any] = {}
 _NO_FIELD_LIMIT = 1000
 
 
-def _init_worker(tokenizer_spec: str, dtype: str, parent: int | None = None) -> None:
+def _init_worker(tokenizer_spec: str, dtype: str) -> None:
   os.environ["TOKENIZERS_PARALLELISM"] = "false"  # Parallelism comes from the processes.
   _WORKER["tok"], _WORKER["dtype"] = load_tokenizer(tokenizer_spec), dtype
-  if parent is not None:
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-  """Ends a worker process whose parent died without stopping it (SIGKILL, OOM killer)."""
-  while os.getppid() == parent:
-    time.sleep(1.0)
-  os._exit(1)
 
 
 def _tokenize(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -66,38 +54,6 @@ def _tokenize(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
   parts = [p for i in ids for p in (bos, i, eos)]
   flat = np.concatenate(parts).astype(_WORKER["dtype"]) if parts else np.zeros(0, _WORKER["dtype"])
   return flat, np.array([len(i) + 2 for i in ids], np.int64), stats
-
-
-def _ordered_map(
-  fn: Callable[[Chunk], Any], items: Iterable[Chunk], num_workers: int, init_args: tuple
-) -> Iterator[Any]:
-  """fn over items in worker processes, in input order, with at most 2 chunks per worker queued."""
-  if num_workers <= 0:
-    _init_worker(*init_args)
-    yield from map(fn, items)
-    return
-  # spawn, not fork: the caller may be a trainer with JAX threads running. An executor, not a
-  # Pool: a worker that dies (OOM) raises BrokenProcessPool instead of hanging forever.
-  ctx = multiprocessing.get_context("spawn")
-  init_args = (*init_args, os.getpid())
-  ex = ProcessPoolExecutor(num_workers, ctx, initializer=_init_worker, initargs=init_args)
-  pending: collections.deque = collections.deque()
-  try:
-    for item in items:
-      pending.append(ex.submit(fn, item))
-      if len(pending) >= 2 * num_workers:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
-  except BaseException:
-    # Stopped (an error, Ctrl-C, SIGTERM): drop the queued work and end the workers now rather
-    # than after the chunks they hold.
-    processes = list(getattr(ex, "_processes", {}).values())
-    ex.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-      proc.terminate()
-    raise
-  ex.shutdown()
 
 
 class _ShardWriter:
@@ -265,7 +221,9 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
   )  # fmt: skip
   init = (tok.path or "byte", dtypes["tokens"])
   tokenize_start = time.perf_counter()
-  results = _ordered_map(_tokenize, source.chunks(kw["chunk_bytes"]), kw["num_workers"], init)
+  results = ordered_map(
+    _tokenize, source.chunks(kw["chunk_bytes"]), kw["num_workers"], _init_worker, init
+  )
   # closing(): an error in this loop's body also stops the workers (the generator's cleanup).
   with contextlib.closing(results):
     for flat, lengths, chunk_stats in results:
