@@ -279,6 +279,7 @@ class TiktokenTokenizer(Tokenizer):
             raise ValueError(
               f"{path} line {n + 1} is not 'base64 rank'; pass a tiktoken tokenizer.model."
             ) from e
+    self.ranks = ranks  # token bytes -> id, without the specials
     base = len(ranks)
     names = LLAMA3_SPECIAL_TOKENS + [
       f"<|reserved_special_token_{2 + i}|>"

@@ -1,5 +1,6 @@
 """Parity with transformers' LlamaForCausalLM (PyTorch fp32) and the HF import/export paths."""
 
+import base64
 import json
 import os
 import sys
@@ -244,19 +245,49 @@ def test_cli_import_export_round_trip(tmp_path, monkeypatch):
     assert e.value.code != 0 and not (tmp_path / "hf5").exists()
 
 
-@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def _tiktoken_file(bpe_json: str, path: str) -> str:
+  """A tiktoken tokenizer.model with the byte-level BPE's tokens in its id order after the bytes."""
+  from data.tokenizers import bytes_to_unicode
+
+  to_byte = bytes_to_unicode()
+  vocab = json.loads(open(bpe_json).read())["model"]["vocab"]
+  tokens = [bytes([b]) for b in range(256)]
+  for t, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+    token = bytes(to_byte[c] for c in t)
+    if i >= 3 and token not in tokens:  # Ids 0-2 are the specials: BOS, EOS, PAD.
+      tokens.append(token)
+  with open(path, "wb") as f:
+    for rank, token in enumerate(tokens):
+      f.write(base64.b64encode(token) + b" %d\n" % rank)
+  return path
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe", "tiktoken"])
 def test_exported_tokenizer_loads_in_transformers(tmp_path, kind):
   from data.hf_tokenizer import save_for_transformers
-  from data.tokenizers import ByteTokenizer, train_bpe
+  from data.tokenizers import ByteTokenizer, TiktokenTokenizer, train_bpe
 
-  text = "def f(x):\n    return x ** 2  # café 🦙 \r\n\t 数字 end"
+  text = "def f(x):\n    return x ** 2  # café 🦙 \r\n\t 数字 end It's  \n\n HTTPServer ababa"
   if kind == "byte":
     ours = ByteTokenizer()
   else:
-    ours = train_bpe([text * 3, "hello world " * 20], 300, str(tmp_path / "bpe.json"))
+    corpus = [text * 3, "hello world " * 20, "abab baba aba " * 5]
+    ours = train_bpe(corpus, 300 if kind == "bpe" else 400, str(tmp_path / "bpe.json"))
+  if kind == "tiktoken":
+    model = _tiktoken_file(str(tmp_path / "bpe.json"), str(tmp_path / "tokenizer.model"))
+    ours = TiktokenTokenizer(model)
+    assert len(ours.encode(text)) < len(text) / 2  # Many merges are exercised.
   ids = save_for_transformers(ours, str(tmp_path / "hf"))
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-  assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+  for sample in (text, "abababab babab", "  x\n\n\n y  ", "数字数字 🦙🦙"):
+    assert theirs.encode(sample, add_special_tokens=False) == ours.encode(sample)
+  if kind == "tiktoken":
+    assert theirs.convert_tokens_to_ids("<|eot_id|>") == ours.special["<|eot_id|>"]
+    assert len(theirs) == ours.vocab_size
+    with open(model, "ab") as f:  # A plain token spelled like a special token: ids would move.
+      f.write(base64.b64encode(b"<|eot_id|>") + b" %d\n" % len(ours.ranks))
+    with pytest.raises(ValueError, match="spelled like the special tokens"):
+      save_for_transformers(TiktokenTokenizer(model), str(tmp_path / "hf2"))
   assert theirs(text)["input_ids"] == ours.encode(text, bos=True)  # BOS first, as in training.
   assert ids == {
     "bos_token_id": theirs.bos_token_id,
