@@ -354,10 +354,12 @@ def sample_text(
   top_k: int = 0,
   top_p: float = 1.0,
   seed: int = 0,
+  stop_ids: Sequence[int] = (),
 ) -> str:
   """The prompt and its continuation as text, ended at EOS or the model's max_seq_len.
 
-  The prompt starts with BOS, as every training document does.
+  The prompt starts with BOS, as every training document does. `stop_ids` end the text too,
+  besides the tokenizer's EOS (e.g. an instruct model's <|eot_id|>).
   """
   prompt_ids = tokenizer.encode(prompt, bos=True)
   if len(prompt_ids) >= config.max_seq_len:
@@ -366,6 +368,7 @@ def sample_text(
       f"{config.max_seq_len}; shorten the prompt."
     )
   max_new_tokens = min(max_new_tokens, config.max_seq_len - len(prompt_ids))
+  stops = list(dict.fromkeys((tokenizer.eos_id, *(int(i) for i in stop_ids))))
   tokens = generate(
     config,
     params,
@@ -374,11 +377,10 @@ def sample_text(
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
-    eos_id=tokenizer.eos_id,
+    eos_id=stops,
     pad_id=tokenizer.eos_id,
     rng=jax.random.key(seed),
   )
   new_ids = np.asarray(tokens[0, len(prompt_ids) :]).tolist()
-  if tokenizer.eos_id in new_ids:
-    new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
-  return tokenizer.decode(prompt_ids + new_ids)
+  end = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
+  return tokenizer.decode(prompt_ids + new_ids[:end])

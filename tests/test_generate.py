@@ -1,5 +1,7 @@
 """Generation: greedy parity with transformers, KV-cache logits, sampling filters, the CLI."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -233,7 +235,7 @@ def test_cli_on_an_hf_checkpoint(tmp_path):
   from data.tokenizers import train_bpe
   from model.generate import sample_text
   from model.hf import save_hf
-  from trainer.generate import generate_text
+  from trainer.generate import generate_text, hf_stop_ids
 
   text = "def add(a, b):\n  return a + b\n" * 20
   tokenizer = train_bpe([text], 300, str(tmp_path / "tokenizer.json"))
@@ -244,6 +246,35 @@ def test_cli_on_an_hf_checkpoint(tmp_path):
   printed = generate_text("def add", hf_checkpoint=str(tmp_path), **kw)
   assert printed == sample_text(config, params, tokenizer, "def add", **kw)
   assert printed.startswith("def add") and len(printed) > len("def add")
+  # An instruct model lists several EOS ids; generation ends at the first of any of them.
+  prompt_ids = tokenizer.encode("def add", bos=True)
+  new_ids = np.asarray(
+    generate(
+      config,
+      params,
+      [prompt_ids],
+      max_new_tokens=9,
+      temperature=0.8,
+      top_k=50,
+      eos_id=tokenizer.eos_id,
+      pad_id=tokenizer.eos_id,
+      rng=jax.random.key(4),
+    )
+  )[0, len(prompt_ids) :].tolist()
+  stop = new_ids[2]
+  assert stop != tokenizer.eos_id
+  (tmp_path / "generation_config.json").write_text(
+    json.dumps({"eos_token_id": [tokenizer.eos_id, stop]})
+  )
+  assert hf_stop_ids(str(tmp_path)) == (tokenizer.eos_id, stop)
+  stopped = generate_text("def add", hf_checkpoint=str(tmp_path), **kw)
+  assert stopped == tokenizer.decode(prompt_ids + new_ids[: new_ids.index(stop)])
+  assert len(stopped) < len(printed)
+  (tmp_path / "generation_config.json").unlink()
+  assert hf_stop_ids(str(tmp_path)) == ()  # save_hf wrote no eos_token_id.
+  hf_config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": stop}))
+  assert hf_stop_ids(str(tmp_path)) == (stop,)  # config.json's, when no generation_config.json.
   with pytest.raises(ValueError, match="exactly one"):
     generate_text("x")
   with pytest.raises(FileNotFoundError, match="elsewhere is not a directory; .*nothing is downl"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -53,6 +54,21 @@ def load_model(
   return config, params, load_tokenizer(tokenizer_path)
 
 
+def hf_stop_ids(hf_dir: str) -> tuple[int, ...]:
+  """The ids that end a text for an HF model: `eos_token_id` of its generation_config.json, else
+  of its config.json (Llama 3.1 Instruct lists <|end_of_text|>, <|eom_id|> and <|eot_id|>)."""
+  for name in ("generation_config.json", "config.json"):
+    try:
+      with open(os.path.join(hf_dir, name)) as f:
+        value = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+      continue
+    ids = value if isinstance(value, list) else [value]
+    if ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+      return tuple(ids)
+  return ()
+
+
 def generate_text(
   prompt: str,
   *,
@@ -99,6 +115,7 @@ def generate_text(
     top_k=top_k,
     top_p=top_p,
     seed=seed,
+    stop_ids=hf_stop_ids(hf_checkpoint) if hf_checkpoint else (),
   )
 
 
