@@ -19,6 +19,7 @@ from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.loop import train_and_evaluate
 from trainer.mesh import MeshError, create_mesh, mesh_context
+from trainer.metrics import read_jsonl
 
 
 def build_step(config, devices):
@@ -175,6 +176,16 @@ def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, c
   events = acc.Tensors("loss") if "loss" in acc.Tags()["tensors"] else acc.Scalars("loss")
   assert [e.step for e in events] == [2, 4, 6]
   assert (tmp_path / "config.json").exists()
+  # Killed during the final evaluation, after the last save: the rerun evaluates, then no more.
+  final = records[-1]
+  assert final["step"] == 6 and "eval_loss" in final
+  kept = [json.dumps(r) for r in records[:-1]]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+  monkeypatch.chdir(tmp_path.parent)
+  again = train_and_evaluate(config, "run")
+  np.testing.assert_allclose(again["eval_loss"], final["eval_loss"], rtol=1e-6)
+  assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1] == {"step": 6, **again}
+  assert train_and_evaluate(config, "run") == {}
 
 
 def _train_cli(tmp_path, *flags):
@@ -230,7 +241,7 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
 
 @pytest.mark.parametrize("remote", [False, True])
 def test_metrics_jsonl_survives_a_torn_line_and_object_stores(tmp_path, remote):
-  from trainer.metrics import JsonlWriter, read_jsonl
+  from trainer.metrics import JsonlWriter
 
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-write

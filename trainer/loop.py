@@ -25,7 +25,7 @@ from trainer import step as step_lib
 from trainer.checkpoint import Checkpointer, absolute
 from trainer.checks import check_batch_fits_mesh, validate
 from trainer.mesh import create_mesh, mesh_context
-from trainer.metrics import create_writers, truncate_jsonl
+from trainer.metrics import create_writers, read_jsonl, truncate_jsonl
 from trainer.watchdog import Preemption, Watchdog
 
 
@@ -85,6 +85,20 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     _restore_data_position(pipeline, data_state)
     logging.info("Resumed from step %d in %s.", start_step, ckpt.directory)
     if start_step >= config.steps:
+      # Killed after its last save but before its final evaluation ended: evaluate now. Process
+      # 0 reads the metrics and decides for all, since the evaluation is a collective.
+      final_eval_missing = bool(config.eval_every) and lead and not _evaluated(workdir, start_step)
+      if gather_json(final_eval_missing)[0]:
+        eval_step = step_lib.jit_eval_step(config, model, mesh, rules, shardings.params)
+        eval_loss = _evaluate(eval_step, state.params, pipeline)
+        writer, _ = create_writers(str(workdir))
+        writer.write_scalars(start_step, {"eval_loss": eval_loss})
+        writer.close()
+        ckpt.close()
+        logging.info(
+          "step %d: eval loss %.4f (the final evaluation, redone)", start_step, eval_loss
+        )
+        return {"eval_loss": eval_loss}
       logging.info(
         "%s is already trained to step %d (steps=%d); raise --config.steps to train on.",
         workdir,
@@ -287,6 +301,14 @@ def _check_and_collect(pending: tuple[int, dict[str, jax.Array]], window: dict) 
     )
   for k in window:
     window[k].append(float(values[k]))
+
+
+def _evaluated(workdir: Any, step: int) -> bool:
+  """Whether metrics.jsonl in `workdir` records an evaluation at `step`."""
+  path = str(workdir / "metrics.jsonl")
+  if not epath.Path(path).exists():
+    return False
+  return any(r.get("step") == step and "eval_loss" in r for r in read_jsonl(path))
 
 
 def _evaluate(eval_step: Any, params: Any, pipeline: Any) -> float:
