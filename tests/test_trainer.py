@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 
@@ -186,6 +187,23 @@ def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, c
   np.testing.assert_allclose(again["eval_loss"], final["eval_loss"], rtol=1e-6)
   assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1] == {"step": 6, **again}
   assert train_and_evaluate(config, "run") == {}
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  config = tiny_config(steps=6, log_every=2, eval_every=0, checkpoint_every=3)
+  train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "6")  # Killed after logging step 6, before saving it.
+  (events,) = tmp_path.glob("events.out.tfevents.*")
+  with open(events, "ab") as f:
+    f.write(b"\x17\x00\x00")  # And a record torn mid-write.
+  train_and_evaluate(config, str(tmp_path))
+  assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [2, 4, 6]
+  acc = EventAccumulator(str(tmp_path))
+  acc.Reload()
+  loss = acc.Tensors("loss") if "loss" in acc.Tags()["tensors"] else acc.Scalars("loss")
+  assert [e.step for e in loss] == [2, 4, 6]  # Not 2, 4, 6, 4, 6.
 
 
 def _train_cli(tmp_path, *flags):

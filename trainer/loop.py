@@ -25,7 +25,7 @@ from trainer import step as step_lib
 from trainer.checkpoint import Checkpointer, absolute
 from trainer.checks import check_batch_fits_mesh, validate
 from trainer.mesh import create_mesh, mesh_context
-from trainer.metrics import create_writers, read_jsonl, truncate_jsonl
+from trainer.metrics import create_writers, read_jsonl, truncate_events, truncate_jsonl
 from trainer.watchdog import Preemption, Watchdog
 
 
@@ -111,6 +111,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       dropped = truncate_jsonl(str(workdir / "metrics.jsonl"), start_step)
       if dropped:
         logging.info("Dropped %d metrics.jsonl records after step %d.", dropped, start_step)
+      dropped = truncate_events(str(workdir), start_step)
+      if dropped:
+        logging.info("Dropped %d TensorBoard events after step %d.", dropped, start_step)
   else:
     state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
     start_step = 0

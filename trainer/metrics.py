@@ -129,3 +129,33 @@ def truncate_jsonl(path: str, last_step: int) -> int:
   if len(kept) != len(lines):
     p.write_text("".join(kept))
   return len(lines) - len(kept)
+
+
+def truncate_events(workdir: str, last_step: int) -> int:
+  """Drops the TensorBoard summaries after `last_step` (and a torn last record) from the event
+  files in `workdir`; returns how many. A resumed run logs the steps after its checkpoint again,
+  and TensorBoard would draw both."""
+  import tensorflow as tf  # noqa: PLC0415 - CLU's writer has loaded it already.
+  from tensorboard.compat.proto import event_pb2  # noqa: PLC0415
+
+  dropped = 0
+  for path in sorted(tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    kept, seen = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        seen += 1
+        raw = record.numpy()
+        event = event_pb2.Event.FromString(raw)
+        if event.step <= last_step or not event.HasField("summary"):
+          kept.append(raw)
+    except tf.errors.DataLossError:
+      seen += 1  # Torn by a killed process.
+    if len(kept) == seen:
+      continue
+    tmp = os.path.join(workdir, f"truncating-{os.getpid()}.tmp")  # Not a name TensorBoard reads.
+    with tf.io.TFRecordWriter(tmp) as w:
+      for raw in kept:
+        w.write(raw)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    dropped += seen - len(kept)
+  return dropped
