@@ -90,14 +90,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       final_eval_missing = bool(config.eval_every) and lead and not _evaluated(workdir, start_step)
       if gather_json(final_eval_missing)[0]:
         eval_step = step_lib.jit_eval_step(config, model, mesh, rules, shardings.params)
-        eval_loss = _evaluate(eval_step, state.params, pipeline)
         writer, _ = create_writers(str(workdir))
-        writer.write_scalars(start_step, {"eval_loss": eval_loss})
+        eval_loss = _evaluate(eval_step, state.params, pipeline, writer, start_step)
         writer.close()
         ckpt.close()
-        logging.info(
-          "step %d: eval loss %.4f (the final evaluation, redone)", start_step, eval_loss
-        )
         return {"eval_loss": eval_loss}
       logging.info(
         "%s is already trained to step %d (steps=%d); raise --config.steps to train on.",
@@ -235,10 +231,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         ckpt.save(step, state, {**data_fn(), "step": step}, config_dict)
       if not preempted:
         if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-          eval_loss = _evaluate(eval_step, state.params, pipeline)
-          writer.write_scalars(step, {"eval_loss": eval_loss})
-          last["eval_loss"] = eval_loss
-          logging.info("step %d: eval loss %.4f", step, eval_loss)
+          last["eval_loss"] = _evaluate(eval_step, state.params, pipeline, writer, step)
         if sampler and (step % config.sample_every == 0 or step == config.steps):
           sampler(step, state.params)
       paused += time.perf_counter() - pause_start
@@ -314,12 +307,16 @@ def _evaluated(workdir: Any, step: int) -> bool:
   return any(r.get("step") == step and "eval_loss" in r for r in read_jsonl(path))
 
 
-def _evaluate(eval_step: Any, params: Any, pipeline: Any) -> float:
+def _evaluate(eval_step: Any, params: Any, pipeline: Any, writer: Any, step: int) -> float:
+  """The eval loss of `params` on the held-out batches, written and logged at `step`."""
   total = None
   for batch in pipeline.eval_batches():
     m = eval_step(params, batch)
     total = m if total is None else total.merge(m)
-  return float(total.compute()["eval_loss"]) if total is not None else float("nan")
+  eval_loss = float(total.compute()["eval_loss"]) if total is not None else float("nan")
+  writer.write_scalars(step, {"eval_loss": eval_loss})
+  logging.info("step %d: eval loss %.4f", step, eval_loss)
+  return eval_loss
 
 
 def _xla_flops(compiled: Any) -> float | None:
