@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import ml_collections
@@ -23,6 +24,15 @@ TINY_MODEL = ModelConfig(
   max_seq_len=64,
   attention="xla",
 )
+
+
+def write_tiktoken(path, extra_tokens) -> str:
+  """A tiktoken-format file: the 256 bytes, then `extra_tokens`, one 'base64 rank' per line."""
+  tokens = [bytes([b]) for b in range(256)] + list(extra_tokens)
+  with open(path, "wb") as f:
+    for rank, tok in enumerate(tokens):
+      f.write(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n")
+  return str(path)
 
 
 def train_losses(workdir: Path) -> dict[int, float]:

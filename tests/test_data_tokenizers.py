@@ -1,6 +1,5 @@
 """Tokenizers: round trips for byte / tokenizer.json / tiktoken files built here (no downloads)."""
 
-import base64
 import os
 
 import pytest
@@ -13,6 +12,7 @@ from data.tokenizers import (
   load_tokenizer,
   train_bpe,
 )
+from tests.common import write_tiktoken
 
 TEXTS = [
   "Hello, world! The theme of the thesis is there.",
@@ -22,15 +22,6 @@ TEXTS = [
   "a",
 ]
 CORPUS = [t * 3 for t in TEXTS] + ["the cat sat on the mat with the other cat"] * 20
-
-
-def _write_tiktoken(path, extra_tokens):
-  """A tiktoken-format file: the 256 bytes, then `extra_tokens`, one 'base64 rank' per line."""
-  tokens = [bytes([b]) for b in range(256)] + list(extra_tokens)
-  with open(path, "wb") as f:
-    for rank, tok in enumerate(tokens):
-      f.write(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n")
-  return str(path)
 
 
 def test_byte_round_trip_and_specials():
@@ -93,7 +84,7 @@ def test_llama3_style_tokenizer_json(tmp_path):
 
 
 def test_tiktoken_round_trip(tmp_path):
-  path = _write_tiktoken(tmp_path / "tokenizer.model", [b"th", b"he", b"the", b" t", b" the"])
+  path = write_tiktoken(tmp_path / "tokenizer.model", [b"th", b"he", b"the", b" t", b" the"])
   tok = load_tokenizer(path)
   assert isinstance(tok, TiktokenTokenizer)
   assert tok.vocab_size == 261 + 256
@@ -111,7 +102,7 @@ def test_tiktoken_round_trip(tmp_path):
 def test_tiktoken_llama3_special_ids(tmp_path):
   """With 128,000 ranks, as in Meta's file, the special tokens get Llama 3's ids."""
   extra = [b"%d." % i for i in range(128_000 - 256)]
-  tok = TiktokenTokenizer(_write_tiktoken(tmp_path / "tokenizer.model", extra))
+  tok = TiktokenTokenizer(write_tiktoken(tmp_path / "tokenizer.model", extra))
   assert tok.bos_id == 128000 and tok.eos_id == 128001
   assert tok.special["<|eot_id|>"] == 128009 and tok.pad_id == 128004
   assert tok.special["<|reserved_special_token_246|>"] == 128255

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from model import Llama3  # noqa: E402
 from model.convert import load_params_dir, main, save_params_dir  # noqa: E402
 from model.hf import config_from_hf, load_hf, save_hf, stack_layers  # noqa: E402
+from tests.common import write_tiktoken  # noqa: E402
 
 TOL = 1e-4
 T = 24
@@ -251,15 +252,12 @@ def _tiktoken_file(bpe_json: str, path: str) -> str:
 
   to_byte = bytes_to_unicode()
   vocab = json.loads(open(bpe_json).read())["model"]["vocab"]
-  tokens = [bytes([b]) for b in range(256)]
+  tokens = []
   for t, i in sorted(vocab.items(), key=lambda kv: kv[1]):
     token = bytes(to_byte[c] for c in t)
-    if i >= 3 and token not in tokens:  # Ids 0-2 are the specials: BOS, EOS, PAD.
+    if i >= 3 and len(token) > 1 and token not in tokens:  # Ids 0-2: BOS, EOS, PAD.
       tokens.append(token)
-  with open(path, "wb") as f:
-    for rank, token in enumerate(tokens):
-      f.write(base64.b64encode(token) + b" %d\n" % rank)
-  return path
+  return write_tiktoken(path, tokens)
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe", "tiktoken"])
