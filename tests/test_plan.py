@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from configs import tiny
+from launch import advice as advice_lib
 from launch import aot, report
 from launch import plan as plan_lib
 from launch import topology as topo_lib
@@ -196,11 +197,11 @@ def test_plans_compile_with_the_libtpu_flags_of_a_run():
 def test_hints_follow_remat_and_memory():
   gib = 1 << 30
   full, dots = _config(), _config([*TINY, "model.remat=dots"])
-  (tip,) = plan_lib.hints(full, 4 * gib, 95 * gib)
+  (tip,) = advice_lib.hints(full, 4 * gib, 95 * gib)
   assert "--config.model.remat=dots" in tip and "4.0 of 95 GiB" in tip
   # Memory already tight, or matmul outputs already saved: nothing to suggest.
-  assert plan_lib.hints(full, 40 * gib, 95 * gib) == []
-  assert plan_lib.hints(dots, 4 * gib, 95 * gib) == []
+  assert advice_lib.hints(full, 40 * gib, 95 * gib) == []
+  assert advice_lib.hints(dots, 4 * gib, 95 * gib) == []
 
 
 def test_auto_attention_plans_splash_with_heads_split_over_tensor():
