@@ -67,7 +67,7 @@ def _tiktoken_json(tok: TiktokenTokenizer, path: str) -> None:
     ]
   )
   fast.decoder = decoders.ByteLevel()
-  specials = sorted(tok.special.items(), key=lambda kv: kv[1])
+  specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
   fast.add_special_tokens([AddedToken(n, special=True, normalized=False) for n, _ in specials])
   moved = [name for name, i in specials if fast.token_to_id(name) != i]
   if moved:
@@ -92,7 +92,7 @@ def save_for_transformers(tok: Tokenizer, directory: str) -> dict[str, int]:
   if isinstance(tok, TiktokenTokenizer):
     shutil.copyfile(tok.path, os.path.join(directory, "tokenizer.model"))
     _tiktoken_json(tok, path)
-    by_id = {i: name for name, i in tok.special.items()}
+    by_id = {i: name for name, i in tok.special_tokens.items()}
     names = {
       "bos_token": by_id[tok.bos_id],
       "eos_token": by_id[tok.eos_id],

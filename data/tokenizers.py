@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -71,6 +72,34 @@ class Tokenizer:
     ids = self.encode_batch([text])[0]
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    """Special-token text -> id (BOS, EOS, chat headers, ...): what a prompt may spell out."""
+    return {}
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """Ids of a prompt, BOS first, with special-token text such as '<|eot_id|>' as that token.
+
+    `encode` keeps such text as text, so a training document can never forge a control token;
+    a prompt for an instruct model spells its chat headers out, and transformers reads them as
+    the tokens they name. A prompt that starts with BOS text gets no second BOS.
+    """
+    ids = self._encode_specials(text)
+    return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
+
+  def _encode_specials(self, text: str) -> list[int]:
+    specials = self.special_tokens
+    if not specials:
+      return self.encode(text)
+    # Longest first, so a name that is a prefix of another never cuts it short.
+    names = sorted(specials, key=len, reverse=True)
+    pieces = re.split("(" + "|".join(map(re.escape, names)) + ")", text)
+    plain = iter(self.encode_batch(pieces[0::2]))  # Text and specials alternate.
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+      ids.extend([specials[piece]] if i % 2 else next(plain))
+    return ids
+
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; BOS, EOS and padding are dropped."""
     drop = {self.bos_id, self.eos_id, self.pad_id}
@@ -123,6 +152,11 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes of each text."""
     return [list(t.encode("utf-8", "replace")) for t in texts]
 
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    """BOS, EOS and PAD, under the names the Hugging Face export gives them."""
+    return dict(zip(TRAINED_SPECIALS, (self.bos_id, self.eos_id, self.pad_id), strict=True))
+
   def encode_array(self, text: str) -> np.ndarray:
     """UTF-8 bytes of `text` as an array, without a Python list per token (the fast path)."""
     return np.frombuffer(text.encode("utf-8", "replace"), np.uint8)
@@ -171,6 +205,15 @@ class HFTokenizer(Tokenizer):
     if self._fast is not None:
       return [self._fast.encode_ordinary(t) for t in texts]
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  @functools.cached_property
+  def special_tokens(self) -> dict[str, int]:
+    """The file's added tokens (which the `tokenizers` library matches in any text it encodes)."""
+    return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+  def _encode_specials(self, text: str) -> list[int]:
+    # The library itself, with each added token's own matching options (lstrip, single_word).
+    return self._tok.encode(text, add_special_tokens=False).ids
 
   def _decode(self, ids: list[int]) -> str:
     return self._tok.decode(ids, skip_special_tokens=False)
@@ -285,17 +328,22 @@ class TiktokenTokenizer(Tokenizer):
       f"<|reserved_special_token_{2 + i}|>"
       for i in range(LLAMA3_NUM_SPECIAL - len(LLAMA3_SPECIAL_TOKENS))
     ]
-    self.special = {name: base + i for i, name in enumerate(names)}
+    self._specials = {name: base + i for i, name in enumerate(names)}
     self._enc = tiktoken.Encoding(
       name=os.path.basename(path),
       pat_str=LLAMA3_PATTERN,
       mergeable_ranks=ranks,
-      special_tokens=self.special,
+      special_tokens=self._specials,
     )
     self.vocab_size = base + LLAMA3_NUM_SPECIAL
-    self.bos_id = self.special["<|begin_of_text|>"]
-    self.eos_id = self.special["<|end_of_text|>"]
-    self.pad_id = self.special["<|finetune_right_pad_id|>"]
+    self.bos_id = self._specials["<|begin_of_text|>"]
+    self.eos_id = self._specials["<|end_of_text|>"]
+    self.pad_id = self._specials["<|finetune_right_pad_id|>"]
+
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    """Llama 3's 256 special tokens, whose ids follow the file's ranks."""
+    return self._specials
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     """Ids of each text; special-token strings inside the text are encoded as plain text."""

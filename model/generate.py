@@ -358,10 +358,11 @@ def sample_text(
 ) -> str:
   """The prompt and its continuation as text, ended at EOS or the model's max_seq_len.
 
-  The prompt starts with BOS, as every training document does. `stop_ids` end the text too,
-  besides the tokenizer's EOS (e.g. an instruct model's <|eot_id|>).
+  The prompt starts with BOS, as every training document does, and special-token text in it
+  (an instruct model's '<|start_header_id|>') is read as those tokens. `stop_ids` end the text
+  too, besides the tokenizer's EOS (e.g. an instruct model's <|eot_id|>).
   """
-  prompt_ids = tokenizer.encode(prompt, bos=True)
+  prompt_ids = tokenizer.encode_prompt(prompt)
   if len(prompt_ids) >= config.max_seq_len:
     raise ValueError(
       f"The prompt is {len(prompt_ids)} tokens (with BOS) but the model's max_seq_len is "

@@ -104,10 +104,39 @@ def test_tiktoken_llama3_special_ids(tmp_path):
   extra = [b"%d." % i for i in range(128_000 - 256)]
   tok = TiktokenTokenizer(write_tiktoken(tmp_path / "tokenizer.model", extra))
   assert tok.bos_id == 128000 and tok.eos_id == 128001
-  assert tok.special["<|eot_id|>"] == 128009 and tok.pad_id == 128004
-  assert tok.special["<|reserved_special_token_246|>"] == 128255
+  assert tok.special_tokens["<|eot_id|>"] == 128009 and tok.pad_id == 128004
+  assert tok.special_tokens["<|reserved_special_token_246|>"] == 128255
   assert tok.vocab_size == 128256
   assert tok.decode(tok.encode(TEXTS[2], bos=True)) == TEXTS[2]
+
+
+def test_prompts_read_special_token_text_documents_do_not(tmp_path):
+  chat = "<|start_header_id|>user<|end_header_id|>\n\nHi the<|eot_id|><|start_header_id|>"
+  tik = TiktokenTokenizer(write_tiktoken(tmp_path / "tokenizer.model", [b"th", b"the", b" the"]))
+  s = tik.special_tokens
+  ids = tik.encode_prompt(chat)
+  assert ids == [
+    tik.bos_id,
+    s["<|start_header_id|>"],
+    *tik.encode("user"),
+    s["<|end_header_id|>"],
+    *tik.encode("\n\nHi the"),
+    s["<|eot_id|>"],
+    s["<|start_header_id|>"],
+  ]
+  assert ids[1:] == tik._enc.encode(chat, allowed_special="all")  # tiktoken's own reading
+  assert tik.decode(ids) == chat
+  assert all(i < 259 for i in tik.encode(chat))  # A document's text stays text.
+  bpe = train_bpe(iter(CORPUS), 320, str(tmp_path / "tokenizer.json"))
+  text = "the cat<|end_of_text|> sat<|pad|>"
+  expected = [0, *bpe.encode("the cat"), 1, *bpe.encode(" sat"), 2]
+  assert bpe.encode_prompt(text) == expected
+  assert bpe.encode_prompt("<|begin_of_text|>" + text) == expected  # No second BOS.
+  assert 1 not in bpe.encode(text)
+  byte = ByteTokenizer()
+  assert byte.encode_prompt("x<|end_of_text|>") == [256, 120, 257]
+  assert byte.encode_prompt("<|begin_of_text|>x") == [256, 120]
+  assert byte.encode_prompt("") == [256]
 
 
 def test_bad_tokenizer_specs(tmp_path):

@@ -246,6 +246,14 @@ def test_cli_on_an_hf_checkpoint(tmp_path):
   printed = generate_text("def add", hf_checkpoint=str(tmp_path), **kw)
   assert printed == sample_text(config, params, tokenizer, "def add", **kw)
   assert printed.startswith("def add") and len(printed) > len("def add")
+  # Special-token text in a prompt is that token (as transformers reads it), not its characters.
+  chat_ids = [*tokenizer.encode("def add", bos=True), tokenizer.pad_id]
+  greedy = np.asarray(
+    generate(config, params, [chat_ids], max_new_tokens=4, eos_id=tokenizer.eos_id, pad_id=0)
+  )[0, len(chat_ids) :].tolist()
+  greedy = greedy[: greedy.index(tokenizer.eos_id)] if tokenizer.eos_id in greedy else greedy
+  chat = generate_text("def add<|pad|>", hf_checkpoint=str(tmp_path), max_new_tokens=4)
+  assert chat == tokenizer.decode(chat_ids + greedy)
   # An instruct model lists several EOS ids; generation ends at the first of any of them.
   prompt_ids = tokenizer.encode("def add", bos=True)
   new_ids = np.asarray(

@@ -280,13 +280,20 @@ def test_exported_tokenizer_loads_in_transformers(tmp_path, kind):
   for sample in (text, "abababab babab", "  x\n\n\n y  ", "数字数字 🦙🦙"):
     assert theirs.encode(sample, add_special_tokens=False) == ours.encode(sample)
   if kind == "tiktoken":
-    assert theirs.convert_tokens_to_ids("<|eot_id|>") == ours.special["<|eot_id|>"]
+    assert theirs.convert_tokens_to_ids("<|eot_id|>") == ours.special_tokens["<|eot_id|>"]
     assert len(theirs) == ours.vocab_size
     with open(model, "ab") as f:  # A plain token spelled like a special token: ids would move.
       f.write(base64.b64encode(b"<|eot_id|>") + b" %d\n" % len(ours.ranks))
     with pytest.raises(ValueError, match="spelled like the special tokens"):
       save_for_transformers(TiktokenTokenizer(model), str(tmp_path / "hf2"))
   assert theirs(text)["input_ids"] == ours.encode(text, bos=True)  # BOS first, as in training.
+  # Prompts spell special tokens out; both read them as those tokens.
+  prompt = "Q: 1+1?<|end_of_text|> A:"
+  assert theirs(prompt)["input_ids"] == ours.encode_prompt(prompt)
+  assert ours.eos_id in ours.encode_prompt(prompt)
+  if kind == "tiktoken":
+    chat = "<|eot_id|>x<|start_header_id|>"
+    assert theirs(chat)["input_ids"] == ours.encode_prompt(chat)
   assert ids == {
     "bos_token_id": theirs.bos_token_id,
     "eos_token_id": theirs.eos_token_id,

@@ -90,7 +90,7 @@ def generate_text(
       f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
       f"{config.vocab_size}; use the tokenizer the model was trained with."
     )
-  prompt_len = len(tokenizer.encode(prompt, bos=True))
+  prompt_len = len(tokenizer.encode_prompt(prompt))
   room = config.max_seq_len - prompt_len
   if room < 1:
     raise ValueError(
