@@ -135,7 +135,7 @@ class PreparedPipeline:
     """Nothing beyond the step number: the batch of a step never depends on history."""
     return {}
 
-  def restore(self, state: dict[str, Any]) -> None:
+  def restore(self, positions: list[dict[str, Any]]) -> None:
     """Nothing to restore (see `state`)."""
 
   def read_rows(self, step: int, rows: np.ndarray) -> dict[str, np.ndarray]:

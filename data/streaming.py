@@ -210,13 +210,22 @@ class StreamingPipeline:
     return ds.batch(len(self.local_rows), drop_remainder=True).map(_to_example)
 
   def state(self) -> dict[str, Any]:
-    """JSON-able position after the last batch handed out (grain iterator state)."""
-    if self._it is None:
-      return _to_json(self._pending_state or {})
-    return _to_json(self._it.get_state())
+    """JSON-able position after the last batch handed out: the grain iterator state, with the
+    host shard it belongs to and the rows per batch it was cut for."""
+    it = self._pending_state if self._it is None else self._it.get_state()
+    if not it:
+      return {}
+    return {
+      "shard": self.shard,
+      "num_shards": self.num_shards,
+      "rows": len(self.local_rows),
+      "iterator": _to_json(it),
+    }
 
-  def restore(self, state: dict[str, Any]) -> None:
-    """Continue from `state` (from `state()`), in this or the next `train_batches` iterator."""
+  def restore(self, positions: list[dict[str, Any]]) -> None:
+    """Continue from the positions every process saved (`state()`, in process order), in this
+    or the next `train_batches` iterator: this host takes its own shard's."""
+    state = own_position(positions, self.shard, self.num_shards, len(self.local_rows))
     self._pending_state = _from_json(state) if state else None
     if self._it is not None and self._pending_state:
       self._it.set_state(self._pending_state)
@@ -278,6 +287,40 @@ class StreamingPipeline:
       except (FileNotFoundError, ValueError, KeyError):
         continue
     raise ValueError(f"{self.path!r} has no validation or test split; set data.eval_path.")
+
+
+def own_position(
+  positions: list[dict[str, Any]], shard: int, num_shards: int, rows: int
+) -> dict[str, Any]:
+  """The grain state of host shard `shard` among every process's saved `state()`.
+
+  Processes holding the same batch rows read the same shard and saved the same state, so it is
+  found by shard, whichever process now reads it. A different shard count or rows per host
+  would continue each host from a place in another shard's stream: that is an error.
+  """
+  saved = [p for p in positions if p]
+  if not saved:
+    return {}
+  if all("shard" in p for p in saved):
+    layouts = sorted({(p["num_shards"], p["rows"]) for p in saved})
+    mine = [p["iterator"] for p in saved if p["shard"] == shard]
+    if layouts != [(num_shards, rows)] or not mine:
+      was = " or ".join(f"{n} host shards of {r} rows" for n, r in layouts)
+      raise ValueError(
+        f"This run's stream position was saved with each batch read as {was}, and each shard "
+        f"has its own place in the stream; this run reads {num_shards} of {rows} rows. Resume "
+        "with the same hosts and mesh axes across them, or prepare the data with data.prepare "
+        "to change them."
+      )
+    return mine[0]
+  # Saved before positions named their shard: one per process, in process order.
+  if len(positions) != jax.process_count():
+    raise ValueError(
+      f"This run's stream position was saved by {len(positions)} processes, and each reads its "
+      f"own shard of the stream; resume it on {len(positions)} processes (this run has "
+      f"{jax.process_count()}), or prepare the data with data.prepare to change host counts."
+    )
+  return positions[jax.process_index()]
 
 
 def _to_json(tree: Any) -> Any:

@@ -63,7 +63,7 @@ class SyntheticPipeline:
     """Nothing beyond the step number."""
     return {}
 
-  def restore(self, state: dict) -> None:
+  def restore(self, positions: list[dict]) -> None:
     """Nothing to restore (see `state`)."""
 
   def check_eval(self) -> None:

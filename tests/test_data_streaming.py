@@ -9,7 +9,13 @@ import pytest
 from jax.sharding import Mesh
 
 from data.batching import batch_sharding
-from data.streaming import FileDocuments, StreamingPipeline, host_shard, shard_of
+from data.streaming import (
+  FileDocuments,
+  StreamingPipeline,
+  host_shard,
+  own_position,
+  shard_of,
+)
 
 B, T = 8, 32
 
@@ -70,9 +76,10 @@ def test_text_stream_resumes_exactly_from_json_state(jsonl_files):
   for _ in range(3):
     next(it)
   state = json.loads(json.dumps(p.state()))  # The trainer stores it as JSON.
+  assert (state["shard"], state["num_shards"], state["rows"]) == (0, 1, B)
   expected = [np.asarray(next(it)["inputs"]) for _ in range(12)]  # Crosses an epoch.
   resumed = _pipeline("text", pattern)
-  resumed.restore(state)
+  resumed.restore([state])
   it2 = resumed.train_batches(3)
   for want in expected:
     np.testing.assert_array_equal(np.asarray(next(it2)["inputs"]), want)
@@ -80,6 +87,23 @@ def test_text_stream_resumes_exactly_from_json_state(jsonl_files):
   assert any(d.split()[0] in text for d in docs)
   with pytest.raises(ValueError, match="data.eval_path"):
     next(p.eval_batches())
+
+
+def test_each_host_resumes_its_own_shards_position():
+  def pos(shard, num_shards=2, rows=4):
+    return {"shard": shard, "num_shards": num_shards, "rows": rows, "iterator": {"at": shard}}
+
+  # Found by shard, whichever process saved it: after a new mesh, or when hosts share a shard.
+  assert own_position([pos(0), pos(1)], 1, 2, 4) == {"at": 1}
+  assert own_position([pos(1), pos(0), pos(1), pos(0)], 0, 2, 4) == {"at": 0}
+  assert own_position([{}, {}], 0, 1, 8) == {}  # Step-indexed data saves no position.
+  for shard, num_shards, rows in [(0, 1, 8), (0, 4, 2), (1, 2, 2)]:
+    with pytest.raises(ValueError, match="saved with each batch read as 2 host shards of 4 rows"):
+      own_position([pos(0), pos(1)], shard, num_shards, rows)
+  # Saved before positions named their shard: one per process (this test is one process).
+  assert own_position([{"file": 3}], 0, 1, 8) == {"file": 3}
+  with pytest.raises(ValueError, match="saved by 2 processes.*resume it on 2 processes"):
+    own_position([{"file": 1}, {"file": 2}], 0, 1, 8)
 
 
 def test_text_stream_packs_with_segments(jsonl_files):
@@ -103,7 +127,7 @@ def test_tfds_stream(tmp_path):
     state = json.loads(json.dumps(p.state()))
     want = [np.asarray(next(it)["inputs"]) for _ in range(3)]
     again = _pipeline("tfds", "lm1b:train")
-    again.restore(state)
+    again.restore([state])
     it2 = again.train_batches(1)
     for w in want:
       np.testing.assert_array_equal(np.asarray(next(it2)["inputs"]), w)

@@ -273,22 +273,20 @@ def test_metrics_jsonl_survives_a_torn_line_and_object_stores(tmp_path, remote):
   assert [r["step"] for r in read_jsonl(str(path))] == [1, 3, 4]
 
 
-def test_stream_positions_go_back_to_their_own_process():
+def test_saved_stream_positions_reach_the_pipeline():
   from trainer.loop import _restore_data_position
 
   class Stream:
     restored = None
 
-    def restore(self, state):
-      self.restored = state
+    def restore(self, positions):
+      self.restored = positions
 
   s = Stream()
-  _restore_data_position(s, {"iterators": [{"file": 3}]})
-  assert s.restored == {"file": 3}
+  _restore_data_position(s, {"iterators": [{"file": 3}, {"file": 4}]})
+  assert s.restored == [{"file": 3}, {"file": 4}]  # All of them: the pipeline finds its own.
   _restore_data_position(s, {"iterator": {"file": 4}})  # Saved before positions were gathered.
-  assert s.restored == {"file": 4}
+  assert s.restored == [{"file": 4}]
   s.restored = None
-  _restore_data_position(s, {"iterators": [{}, {}]})  # Step-indexed data: any host count.
+  _restore_data_position(s, {"iterators": [{}, {}]})  # Step-indexed data: nothing to restore.
   assert s.restored is None
-  with pytest.raises(ValueError, match="saved by 2 processes.*resume it on 2 processes"):
-    _restore_data_position(s, {"iterators": [{"file": 1}, {"file": 2}]})

@@ -253,19 +253,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
 
 def _restore_data_position(pipeline: Any, data_state: dict[str, Any]) -> None:
-  """Gives each process its own saved data position (empty for step-indexed pipelines)."""
+  """Hands every process's saved data position to the pipeline, which takes its own (none for
+  step-indexed pipelines, whose positions are empty)."""
   positions = data_state.get("iterators")
   if positions is None:  # Saved by one process before positions were gathered.
     positions = [data_state.get("iterator") or {}]
-  if not any(positions):
-    return  # The step number alone fixes the data.
-  if len(positions) != jax.process_count():
-    raise ValueError(
-      f"This run's stream position was saved by {len(positions)} processes, and each reads its "
-      f"own shard of the stream; resume it on {len(positions)} processes (this run has "
-      f"{jax.process_count()}), or prepare the data with data.prepare to change host counts."
-    )
-  pipeline.restore(positions[jax.process_index()])
+  if any(positions):
+    pipeline.restore(positions)
 
 
 def _log_progress(step: int, steps: int, metrics: dict[str, float], step_s: float) -> None:
