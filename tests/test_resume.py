@@ -87,18 +87,30 @@ def test_resume_on_another_mesh(tmp_path, straight):
   np.testing.assert_allclose([got[s] for s in steps], [straight[s] for s in steps], rtol=1e-5)
 
 
-def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight, caplog):
-  train_and_evaluate(config(steps=8), str(tmp_path))
-  newest = tmp_path / "checkpoints" / "8" / "state"
-  assert newest.is_dir()
-  for f in newest.rglob("*"):
+def _truncate(state_dir: Path) -> None:
+  assert state_dir.is_dir()
+  for f in state_dir.rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight, caplog, capfd):
+  train_and_evaluate(config(steps=8), str(tmp_path))
+  _truncate(tmp_path / "checkpoints" / "8" / "state")
   train_and_evaluate(config(), str(tmp_path))
   assert "step 8" in caplog.text and "older one" in caplog.text
+  assert "TensorStore details" not in caplog.text  # One line, not a repr of the store's spec.
   assert losses(tmp_path) == straight
   # Nothing was deleted: the corrupt checkpoint was moved aside, not removed.
   assert any((tmp_path / "checkpoints_corrupt").rglob("*"))
+  # None restores: an error, not a quiet restart from step 0 over the run's metrics.
+  for step in (4, 8, 12):
+    _truncate(tmp_path / "checkpoints" / str(step) / "state")
+  with pytest.raises(ValueError, match=r"No checkpoint in .* restores: steps \[12, 8, 4\] were"):
+    train_and_evaluate(config(), str(tmp_path))
+  assert losses(tmp_path) == straight
+  # Failed reads leave un-awaited coroutines; their reports (screens of spec) are not printed.
+  assert "Exception ignored" not in capfd.readouterr().err
 
 
 def test_unreadable_config_of_the_newest_checkpoint_sets_it_aside(tmp_path, straight, caplog):
@@ -118,6 +130,13 @@ def test_checkpoint_of_another_model_is_one_clear_error(tmp_path):
   # fp32 master weights and moments are not quietly cast down on resume.
   with pytest.raises(CheckpointMismatchError, match="set --config.model.param_dtype=float32, or"):
     train_and_evaluate(config(**{"model.param_dtype": "bfloat16"}), str(tmp_path))
+  # Optimizer state of another layout is not mistaken for a corrupt checkpoint and set aside.
+  with pytest.raises(
+    CheckpointMismatchError, match=r"other entries .*optimizer.grad_clip: 1.0 -> 0"
+  ):
+    train_and_evaluate(config(**{"optimizer.grad_clip": 0.0}), str(tmp_path))
+  assert not (tmp_path / "checkpoints_corrupt").exists()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
 
 
 def _start(workdir: Path, *flags: str) -> subprocess.Popen:

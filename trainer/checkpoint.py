@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
+import re
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -51,10 +56,17 @@ class Checkpointer:
       keep_period=keep_period or None,
       create=True,
       enable_async_checkpointing=async_save,
+      # A save killed mid-write leaves a *.orbax-checkpoint-tmp dir; the next run removes it.
+      cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "data", "config")
-    )
+    # Handlers named up front, so that a step's state metadata (its tree) reads without
+    # restoring it.
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -85,14 +97,30 @@ class Checkpointer:
     ]
 
   def restore_latest(
-    self, abstract_state: Any, model: ModelConfig
+    self, abstract_state: Any, model: ModelConfig, optimizer: dict[str, Any] | None = None
   ) -> tuple[Any, dict[str, Any], int] | None:
     """(state, data_state, step) of the newest checkpoint that restores, or None if none.
 
-    A checkpoint that fails to restore (truncated or corrupted files) is reported in one line
-    and the previous one is tried; nothing is deleted. A checkpoint of a different model shape
-    is an error, not a fallback.
+    A checkpoint that fails to restore (truncated or corrupted files) is reported in one line,
+    set aside in checkpoints_corrupt/ and the previous one is tried; nothing is deleted. When
+    none restores, that is an error rather than a fresh start. A checkpoint of a different
+    model shape, or whose optimizer state has other entries (`optimizer`, the run's optimizer
+    settings, names what changed), is an error, not a fallback.
     """
+    set_aside = []
+    with _quiet_unraisable():
+      restored = self._restore_newest(abstract_state, model, optimizer or {}, set_aside)
+    if restored is None and set_aside:
+      raise ValueError(
+        f"No checkpoint in {self.directory} restores: steps {set_aside} were moved to "
+        f"{self.directory.parent / 'checkpoints_corrupt'}. Rerun to train this --workdir from "
+        "step 0, or use a new --workdir."
+      )
+    return restored
+
+  def _restore_newest(
+    self, abstract_state: Any, model: ModelConfig, optimizer: dict[str, Any], set_aside: list
+  ) -> tuple[Any, dict[str, Any], int] | None:
     for step in reversed(self.all_steps()):
       saved, error = None, None
       try:
@@ -104,6 +132,7 @@ class Checkpointer:
         # Set aside like a failed restore: left in place, the step would block the save of
         # the same step later in this run.
         self._fall_back(step, "is unreadable", error)
+        set_aside.append(step)
         continue
       saved_model = saved.get("model", {})
       diff = shape_mismatch(saved_model, model)
@@ -119,6 +148,19 @@ class Checkpointer:
           f"model.param_dtype is {model.param_dtype}; set --config.model.param_dtype={dtype}, "
           f"or start a new --workdir with --config.init_from={self.directory.parent}."
         )
+      entries = self._state_entries_differ(step, abstract_state)
+      if not on_every_host(not entries):
+        changed = [
+          f"optimizer.{k}: {v!r} -> {optimizer[k]!r}"
+          for k, v in saved.get("optimizer", {}).items()
+          if k in optimizer and v != optimizer[k]
+        ]
+        raise CheckpointMismatchError(
+          f"The checkpoint in {self.directory} (step {step}) holds a training state with other "
+          f"entries than this config's ({'; '.join(changed or entries[:3])}); resume with the "
+          f"run's settings ({self.directory.parent / 'config.json'}), or start a new --workdir "
+          f"with --config.init_from={self.directory.parent}."
+        )
       restored = None
       try:
         restored = self.manager.restore(
@@ -131,9 +173,24 @@ class Checkpointer:
         error = e
       if not on_every_host(error is None):
         self._fall_back(step, "failed to restore", error)
+        set_aside.append(step)
         continue
       return restored["state"], restored["data"], step
     return None
+
+  def _state_entries_differ(self, step: int, abstract_state: Any) -> list[str]:
+    """The state entries (paths) that only one of step `step` and `abstract_state` has; empty
+    when they match or when the saved tree cannot be read (the restore then says why)."""
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001 - unreadable metadata is the restore's failure to report.
+      return []
+    if saved is None:
+      return []
+    saved_paths, now_paths = _leaf_paths(getattr(saved, "tree", saved)), _leaf_paths(abstract_state)
+    return [f"saved only: {p}" for p in sorted(saved_paths - now_paths)] + [
+      f"config only: {p}" for p in sorted(now_paths - saved_paths)
+    ]
 
   def _fall_back(self, step: int, what: str, error: BaseException | None) -> None:
     """Sets `step` aside, saying why (`error` is None where another host failed)."""
@@ -169,9 +226,39 @@ class Checkpointer:
     self.manager.close()
 
 
+def _leaf_paths(tree: Any) -> set[str]:
+  """'opt_state/1/mu/embed'-style paths of a tree's leaves: a NamedTuple's field and a dict's
+  key of the same name count as the same entry (the saved tree has only dicts and lists)."""
+  paths = set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = []
+    for k in path:
+      parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    paths.add("/".join(parts))
+  return paths
+
+
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+  # TensorStore appends a bound-method repr of its spec to the message; the cause says more.
+  first = re.split(r"\.?\s*See full TensorStore details", text[0] if text else "")[0]
+  cause = e.__cause__ or e.__context__
+  if cause is not None and str(cause).strip():
+    first += f" ({str(cause).strip().splitlines()[0]})"
+  return f"{type(e).__name__}: {first}"[:300]
+
+
+@contextlib.contextmanager
+def _quiet_unraisable() -> Iterator[None]:
+  """Drops the 'Exception ignored in: <coroutine ...>' reports that a failed Orbax read leaves
+  for the garbage collector (each with a full TensorStore spec); the failure itself is logged."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = hook
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any]:
@@ -219,14 +306,15 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
     raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has {steps}.")
   errors = []
   try:
-    for s in [step] if step is not None else reversed(steps):
-      try:
-        params = manager.restore(s, args=args)["state"]["params"]
-        logging.info("Read the parameters of step %d from %s.", s, run_dir / "checkpoints")
-        return mcfg, params
-      except Exception as e:  # noqa: BLE001 - a corrupt checkpoint falls back to an older one.
-        errors.append(f"step {s}: {_first_line(e)}")
-        logging.warning("Checkpoint at step %d failed to restore (%s).", s, _first_line(e))
+    with _quiet_unraisable():
+      for s in [step] if step is not None else reversed(steps):
+        try:
+          params = manager.restore(s, args=args)["state"]["params"]
+          logging.info("Read the parameters of step %d from %s.", s, run_dir / "checkpoints")
+          return mcfg, params
+        except Exception as e:  # noqa: BLE001 - a corrupt checkpoint falls back to an older one.
+          errors.append(f"step {s}: {_first_line(e)}")
+          logging.warning("Checkpoint at step %d failed to restore (%s).", s, _first_line(e))
   finally:
     manager.close()
   raise ValueError(

@@ -68,7 +68,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
 
   ckpt = Checkpointer(str(workdir), max_to_keep=config.max_to_keep, keep_period=config.keep_period)
-  restored = ckpt.restore_latest(state_lib.abstract_state(model, tx, shardings), mcfg)
+  restored = ckpt.restore_latest(
+    state_lib.abstract_state(model, tx, shardings), mcfg, config.optimizer.to_dict()
+  )
   if restored is not None:
     state, data_state, start_step = restored
     saved_fp = data_state.get("fingerprint")
