@@ -93,7 +93,7 @@ def prepare(
   output: str,
   *,
   seq_len: int,
-  tokenizer: str = "byte",
+  tokenizer: str | None = None,  # None: the byte tokenizer, or the one --train_tokenizer trains.
   train_tokenizer: int = 0,
   text_field: str = "text",
   data_dir: str = "",
@@ -111,11 +111,17 @@ def prepare(
     raise ValueError(f"--seq_len={seq_len} must be positive.")
   if not 0 <= eval_fraction < 1:
     raise ValueError(f"--eval_fraction={eval_fraction} must be at least 0 and below 1.")
-  if train_tokenizer and tokenizer != "byte":
+  if num_workers is not None and num_workers < 0:
+    raise ValueError(
+      f"--num_workers={num_workers} must be 0 (tokenize in this process) or more; leave it unset "
+      f"for one per CPU."
+    )
+  if train_tokenizer and tokenizer is not None:
     raise ValueError(
       f"--train_tokenizer={train_tokenizer} trains a new tokenizer, so --tokenizer={tokenizer!r} "
       f"would be ignored; pass only one of them."
     )
+  tokenizer = "byte" if tokenizer is None else tokenizer
   if os.path.exists(output) and not os.path.isdir(output):
     raise FileExistsError(f"--output={output} is a file; give the path of a directory to write.")
   prepared_before = os.path.exists(os.path.join(output, "metadata.json"))
@@ -346,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
   arg("--input", required=True, help="glob (.txt .jsonl[.gz] .parquet), tfds:NAME:SPLIT, hf:...")
   arg("--output", required=True, help="directory to write")
   arg("--seq_len", type=int, required=True, help="tokens per training sequence")
-  arg("--tokenizer", default="byte", help="byte | tokenizer.json | tokenizer.model | bpe:VOCAB")
+  arg("--tokenizer", help="byte (default) | tokenizer.json | tokenizer.model | bpe:VOCAB")
   arg("--train_tokenizer", type=int, default=0, help="train a BPE of this vocab size on the input")
   arg("--text_field", default="text", help="JSONL field / Parquet column / dataset feature")
   arg("--data_dir", default="", help="TFDS data_dir (may be gs://...)")

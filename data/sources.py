@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import glob
 import gzip
 import json
@@ -163,14 +164,19 @@ def iter_file_documents(path: str, text_field: str = "text") -> Iterator[Any]:
 
 
 def _parquet_batches(path: str, field: str) -> Iterator[list[Any]]:
+  import pyarrow as pa
   import pyarrow.parquet as pq
 
-  pf = pq.ParquetFile(path)
-  if field not in pf.schema_arrow.names:
+  # A damaged file fails on opening (no footer) or mid-read (a bad page): one error naming it.
+  try:
+    pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
-    raise ValueError(f"{path} has no column {field!r} (has {names}); set --text_field.")
-  for batch in pf.iter_batches(columns=[field], batch_size=1024):
-    yield batch.column(0).to_pylist()
+    if field not in names:
+      raise ValueError(f"{path} has no column {field!r} (has {names}); set --text_field.")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+      yield batch.column(0).to_pylist()
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"{path} is not a readable Parquet file ({e}); fix or remove it.") from e
 
 
 def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
@@ -323,6 +329,17 @@ def open_tfds(spec: str, data_dir: str = "") -> Any:
   name, split = parse_tfds(spec)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except tfds.core.DatasetNotFoundError as e:
+    # Its message lists every registered dataset (hundreds of lines): name a few close ones.
+    builder = name.split("/")[0]
+    known = set(tfds.list_builders(with_community_datasets=False))  # It may repeat a name.
+    close = difflib.get_close_matches(builder, sorted(known))
+    hint = f"did you mean {' or '.join(close)}?" if close else "no registered name is close"
+    where = f" nor found in data_dir={data_dir!r}" if data_dir else ""
+    raise FileNotFoundError(
+      f"tfds dataset {builder!r} is not registered{where} ({hint}); check the name "
+      f"(tfds.list_builders())."
+    ) from e
   except Exception as e:
     raise FileNotFoundError(
       f"TFDS dataset {name}:{split} could not be opened from data_dir={data_dir or 'default'!r} "

@@ -122,6 +122,21 @@ def test_tfds_source(tmp_path, capsys):
   assert "100%" in capsys.readouterr().err  # The dataset's length gives the bar a total.
 
 
+def test_unknown_tfds_dataset_is_one_line(tmp_path):
+  """Not the TFDS error, which lists every registered dataset; nothing is downloaded."""
+  out = str(tmp_path / "o")
+  args = ["--tokenizer=byte", "--seq_len=64", f"--output={out}"]
+  with pytest.raises(SystemExit) as e:
+    main(["--input=tfds:nonexistent_zz:train", *args])
+  assert str(e.value) == (
+    "error: tfds dataset 'nonexistent_zz' is not registered (no registered name is close); "
+    "check the name (tfds.list_builders())."
+  )
+  with pytest.raises(FileNotFoundError, match=r"^tfds dataset 'lmb1' is not .*did you mean lm1b\?"):
+    prepare("tfds:lmb1/en:train", out, seq_len=8, num_workers=0)
+  assert not os.path.exists(out)
+
+
 def test_bad_inputs(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"nothing-\*\.txt.*matches no files"):
     prepare(str(tmp_path / "nothing-*.txt"), str(tmp_path / "o"), seq_len=8)
@@ -223,6 +238,10 @@ def test_json_gz_binary_and_odd_lines(tmp_path):
   (tmp_path / "bad.json").write_text('[{"text": "a"},')
   with pytest.raises(ValueError, match="bad.json is not valid JSON"):
     prepare(str(tmp_path / "bad.json"), str(tmp_path / "o3"), seq_len=8, num_workers=0)
+  (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
+  with pytest.raises(ValueError, match="bad.parquet is not a readable Parquet file"):
+    prepare(str(tmp_path / "bad.parquet"), str(tmp_path / "o4"), seq_len=8, num_workers=0)
+  assert not os.path.exists(tmp_path / "o4")
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
@@ -239,6 +258,11 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
       prepare(ok, str(tmp_path / "o"), seq_len=8, eval_fraction=f)
   with pytest.raises(ValueError, match="pass only one of them"):
     prepare(ok, str(tmp_path / "o"), seq_len=8, tokenizer="bpe:300", train_tokenizer=300)
+  args = ["--input", ok, "--output", str(tmp_path / "o"), "--seq_len=8"]
+  with pytest.raises(SystemExit, match="--tokenizer='byte' would be ignored; pass only one of"):
+    main([*args, "--train_tokenizer=300", "--tokenizer=byte"])
+  with pytest.raises(SystemExit, match=r"^error: --num_workers=-3 must be 0 \(tokenize in this"):
+    main([*args, "--num_workers=-3"])
   (tmp_path / "tokenizer.json").write_text('{"foo": 1}')
   with pytest.raises(ValueError, match="is not a tokenizer.json the `tokenizers` library can"):
     prepare(ok, str(tmp_path / "o"), seq_len=8, tokenizer=str(tmp_path / "tokenizer.json"))
