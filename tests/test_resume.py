@@ -97,7 +97,10 @@ def _truncate(state_dir: Path) -> None:
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight, caplog, capfd):
   train_and_evaluate(config(steps=8), str(tmp_path))
   _truncate(tmp_path / "checkpoints" / "8" / "state")
+  killed_save = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp" / "state"  # kill -9 mid-save
+  killed_save.mkdir(parents=True)
   train_and_evaluate(config(), str(tmp_path))
+  assert not killed_save.parent.exists()
   assert "step 8" in caplog.text and "older one" in caplog.text
   assert "TensorStore details" not in caplog.text  # One line, not a repr of the store's spec.
   assert losses(tmp_path) == straight
