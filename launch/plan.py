@@ -40,7 +40,7 @@ from launch import topology as topo_lib  # noqa: E402
 from launch.advice import advice, hints  # noqa: E402
 from trainer import flops  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
-from trainer.checks import progress  # noqa: E402
+from trainer.checks import parse_flags, progress  # noqa: E402
 from trainer.mesh import create_mesh  # noqa: E402
 
 NOT_FITTING_EXIT_CODE = 3
@@ -326,13 +326,6 @@ def main() -> None:
   batches = flags.DEFINE_list("search_batches", list(map(str, SEARCH_BATCHES)), "Rows per device.")
   flags.mark_flags_as_required(["config", "topology"])
 
-  def parse(argv: list[str]) -> list[str]:
-    try:
-      return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-      message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-      sys.exit(f"error: {message} (config keys are in configs/base.py)")
-
   def program(argv: list[str]) -> None:
     del argv
     from trainer.checks import load_config  # noqa: PLC0415
@@ -357,7 +350,7 @@ def main() -> None:
     sys.stdout.flush()
     sys.exit(code)
 
-  app.run(program, flags_parser=parse)
+  app.run(program, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def test_cli_prints_a_table_then_one_json_line():
   for bad, message in (
     ("--steps=-2", "flag --steps=-2: -2 is not a positive integer"),
     ("--config.global_batch_size=6", "global_batch_size=6 is not divisible by grad_accum_steps"),
+    ("--config.modle.num_layers=1", "error: unknown config key: 'modle'; Did you mean"),
   ):
     cmd = [sys.executable, "-m", "trainer.benchmark", "--config=configs/bench.py", bad]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

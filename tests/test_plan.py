@@ -249,6 +249,11 @@ def test_bad_topology_is_one_clear_line():
   for args, message in (
     (["--config=configs/nope.py"], "error: --config does not load ([Errno 2] No such file"),
     (["--slices=0"], "error: --slices=0 must be at least 1."),
+    (["--config.modle.x=1"], "error: unknown config key: 'modle'; Did you mean \"model\""),
+    (
+      ["--config.steps=x"],
+      "error: flag --config.steps=x: invalid literal for int() with base 10: 'x' (",
+    ),
   ):
     proc = _cli("--topology=v5p-8", *args, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -225,6 +225,23 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight_cli):
   assert losses(tmp_path) == straight_cli
 
 
+def test_ctrl_c_saves_exits_130_and_resumes(tmp_path, straight_cli):
+  """In a one-process run the first Ctrl-C saves at the step's end, as SIGTERM does, and the
+  exit status says the run was interrupted; no traceback."""
+  proc = _start(tmp_path, "--config.checkpoint_every=0")
+  _wait_for_step(tmp_path, 3, proc)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and "Traceback" not in out, out
+  assert "Interrupted (Ctrl-C): saved step" in out
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and 3 <= saved[-1] < STEPS
+  rerun = _start(tmp_path, "--config.checkpoint_every=0")
+  out, _ = rerun.communicate(timeout=300)
+  assert rerun.returncode == 0, out
+  assert losses(tmp_path) == straight_cli
+
+
 def _eval_loss(config, params) -> float:
   mesh = create_mesh(config.mesh, jax.devices()[:1])
   model = Llama3(state_lib.model_config(config))

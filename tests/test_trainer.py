@@ -232,12 +232,23 @@ def test_bad_values_fail_before_training(tmp_path):
   for key, value, message in (
     ("log_every", 0, "log_every=0 must be positive"),
     ("eval_every", -1, "eval_every=-1 must be positive, or 0 for never"),
+    ("grad_accum_steps", 0, r"grad_accum_steps=0 must be at least 1 \(1: no accumulation\)"),
+    ("eval_steps", 0, "eval_steps=0 must be positive when eval_every=2; set eval_every=0"),
+    ("max_to_keep", -1, "max_to_keep=-1 must be positive, or 0 for none"),
+    ("optimizer.learning_rate", -1.0, "optimizer.learning_rate=-1.0 must be positive"),
+    ("optimizer.grad_clip", -1.0, "optimizer.grad_clip=-1.0 must be 0 or more"),
+    ("optimizer.b2", 1.5, "optimizer.b2=1.5 must be between 0 and 1"),
   ):
     with pytest.raises(ValueError, match=message):
-      train_and_evaluate(tiny_config(**{key: value}), str(tmp_path / "run"))
+      train_and_evaluate(tiny_config(**{"eval_every": 2, key: value}), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # Refused before anything was written.
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="--workdir=.*file is a file; give a directory"):
     train_and_evaluate(tiny_config(), str(tmp_path / "file"))
+  with pytest.raises(ValueError, match="--workdir=.*file/run cannot be created .*; give a dir"):
+    train_and_evaluate(tiny_config(), str(tmp_path / "file" / "run"))
+  with pytest.raises(ValueError, match="^--workdir is empty; give a directory"):
+    train_and_evaluate(tiny_config(), "")
 
 
 def test_mesh_mismatch_on_the_command_line_is_one_clear_line(tmp_path):

@@ -47,7 +47,7 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
-from trainer.checks import check_batch_fits_mesh, progress, validate  # noqa: E402
+from trainer.checks import check_batch_fits_mesh, load_config, parse_flags, progress, validate  # noqa: E402
 from trainer.mesh import (  # noqa: E402
   MESH_AXES,
   MeshError,
@@ -267,16 +267,15 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  config = _CONFIG.value
+  try:
+    config = load_config(_CONFIG)
+    validate(config)  # The trainer's checks: one line, not a traceback from inside jit.
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   cores = len(os.sched_getaffinity(0))
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     n = _CPU_DEVICES.value or cpu_device_count(config, cores)
     jax.config.update("jax_num_cpu_devices", n)  # Before any backend exists.
-
-  try:
-    validate(config)  # The trainer's checks: one line, not a traceback from inside jit.
-  except ValueError as e:
-    sys.exit(f"error: {e}")
   runner = None
   if _TORCH.value:
     if jax.default_backend() != "cpu":
@@ -303,4 +302,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,9 @@ from typing import Any
 def validate(config: Any) -> None:
   """Raises ValueError with one sentence for config values that cannot work together."""
   accum = int(config.grad_accum_steps)
-  if accum < 1 or config.global_batch_size % accum:
+  if accum < 1:
+    raise ValueError(f"grad_accum_steps={accum} must be at least 1 (1: no accumulation).")
+  if config.global_batch_size % accum:
     raise ValueError(
       f"global_batch_size={config.global_batch_size} is not divisible by grad_accum_steps={accum}."
     )
@@ -26,6 +28,42 @@ def validate(config: Any) -> None:
   for key in ("eval_every", "checkpoint_every", "sample_every"):
     if int(config[key]) < 0:
       raise ValueError(f"{key}={config[key]} must be positive, or 0 for never.")
+  if config.eval_every and int(config.eval_steps) <= 0:
+    raise ValueError(
+      f"eval_steps={config.eval_steps} must be positive when eval_every={config.eval_every}; "
+      "set eval_every=0 to never evaluate."
+    )
+  for key in ("max_to_keep", "keep_period", "watchdog_timeout_s"):
+    if config[key] < 0:
+      raise ValueError(f"{key}={config[key]} must be positive, or 0 for none.")
+  opt = config.optimizer
+  if not opt.learning_rate > 0:
+    raise ValueError(f"optimizer.learning_rate={opt.learning_rate} must be positive.")
+  for key in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+    if not opt[key] >= 0:
+      raise ValueError(f"optimizer.{key}={opt[key]} must be 0 or more.")
+  for key in ("b1", "b2", "end_lr_ratio"):
+    if not 0 <= opt[key] <= 1:
+      raise ValueError(f"optimizer.{key}={opt[key]} must be between 0 and 1.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad flag or config key ends in one line, not a traceback."""
+  from absl import flags  # noqa: PLC0415
+
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # A bad key arrives as AttributeError(KeyError(message)); str() of a KeyError is a repr.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    message = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+    if isinstance(e, KeyError | AttributeError):
+      message = f"unknown config key: {message}"
+    sys.exit(
+      f"error: {message} (run with --helpfull for the flags; config keys are in configs/base.py)"
+    )
 
 
 def check_batch_fits_mesh(config: Any, mesh: Any) -> None:

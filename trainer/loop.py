@@ -36,10 +36,17 @@ class TrainingError(RuntimeError):
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns last metrics."""
   validate(config)
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty; give a directory for the run (it is created).")
   workdir = absolute(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir={workdir} is a file; give a directory for the run.")
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(
+      f"--workdir={workdir} cannot be created ({e.strerror or e}); give a directory you can write."
+    ) from None
   mesh = create_mesh(config.mesh)
   check_batch_fits_mesh(config, mesh)
   rules = state_lib.logical_rules(config)
@@ -242,12 +249,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       if preempted:
         ckpt.wait()
         logging.warning(
-          "Preempted (SIGTERM): saved step %d in %s; rerun the same command to resume.",
+          "%s (%s): saved step %d in %s; rerun the same command to resume.",
+          "Interrupted" if preemption.cause == "Ctrl-C" else "Preempted",
+          preemption.cause,
           step,
           ckpt.directory,
         )
+        if preemption.cause == "Ctrl-C":
+          raise KeyboardInterrupt
         break
   finally:
+    preemption.close()
     watchdog.stop()
     ckpt.close()
     writer.close()

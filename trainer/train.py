@@ -30,24 +30,12 @@ def main(argv):
     if os.environ.get("LLAMA_TRACEBACK"):
       raise
     sys.exit(f"error: {e}")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing where a bad flag or config key ends in one line, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # A bad key arrives as AttributeError(KeyError(message)); str() of a KeyError is a repr.
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    message = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
-    if isinstance(e, KeyError | AttributeError):
-      message = f"unknown config key: {message}"
-    sys.exit(
-      f"error: {message} (run with --helpfull for the flags; config keys are in configs/base.py)"
-    )
+  except KeyboardInterrupt:
+    print("Interrupted; rerun the same command to resume from the newest checkpoint.")
+    sys.exit(130)
 
 
 if __name__ == "__main__":
+  from trainer.checks import parse_flags
+
   app.run(main, flags_parser=parse_flags)

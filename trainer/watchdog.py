@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 
@@ -50,14 +51,30 @@ class Watchdog:
 
 
 class Preemption:
-  """Turns SIGTERM into 'save at the next step boundary', agreed on by every host."""
+  """Turns SIGTERM into 'save at the next step boundary', agreed on by every host; in a
+  single-process run also the first Ctrl-C (SIGINT), while a second one stops at once."""
 
   def __init__(self):
     self._flag = threading.Event()
+    self.cause = "SIGTERM"
     self._multihost = jax.process_count() > 1
+    self._previous: dict[int, Any] = {}
     if not self._multihost and threading.current_thread() is threading.main_thread():
-      # With several hosts, JAX's coordination service owns SIGTERM and syncs the step.
-      signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      # With several hosts, JAX's coordination service owns SIGTERM and syncs the step; a
+      # Ctrl-C there reaches the hosts at different steps, so it stops as usual.
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+
+  def _on_sigint(self, *_: Any) -> None:
+    if self._flag.is_set():
+      raise KeyboardInterrupt
+    self.cause = "Ctrl-C"
+    self._flag.set()
+    print(
+      "Interrupted: saving at the end of this step (Ctrl-C again stops without saving).",
+      file=sys.stderr,
+      flush=True,
+    )
 
   def reached(self, step: int) -> bool:
     """True at the step boundary where every host should save and exit."""
@@ -69,3 +86,9 @@ class Preemption:
       except RuntimeError:
         return False
     return self._flag.is_set()
+
+  def close(self) -> None:
+    """Gives the signals back to the handlers they had before."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
