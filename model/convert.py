@@ -1,7 +1,11 @@
 """Converts between Hugging Face Llama dirs and Orbax params dirs the trainer starts from.
 
 python -m model.hf import --hf_dir=Llama-3.2-1B --output=ckpt/llama1b
-python -m model.hf export --checkpoint=ckpt/llama1b --output=hf/llama1b
+python -m model.hf export --checkpoint=ckpt/llama1b --output=hf/llama1b [--overwrite]
+
+Both refuse an --output that is a file or a directory with files in it; export's --overwrite then
+replaces the Hugging Face model files there (weights, shard index, config.json,
+generation_config.json, tokenizer files) and leaves any other file alone.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from flax.linen import meta
 
 from model.config import ModelConfig
@@ -24,6 +29,40 @@ from model.hf import is_scanned, load_hf, save_hf
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
+# What an export writes, and what an earlier model's files there would mislead a reader with (an
+# old generation_config.json's eos ids, an old tokenizer, a shard index naming old shards).
+_HF_MODEL_FILES = (
+  "config.json",
+  "generation_config.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "tokenizer.model",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "chat_template.jinja",
+)
+_HF_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def check_output(
+  out_dir: str, fix: str = "pick a new output directory", *, overwrite: bool = False
+) -> None:
+  """Raises ValueError if `out_dir` is a file, or (unless `overwrite`) a non-empty directory."""
+  if os.path.isdir(out_dir):
+    if os.listdir(out_dir) and not overwrite:
+      raise ValueError(f"{out_dir} already exists and is not empty; {fix}.")
+  elif os.path.lexists(out_dir):
+    raise ValueError(f"{out_dir} exists and is not a directory; pick a new output directory.")
+
+
+def _remove_hf_model(hf_dir: str) -> None:
+  """Removes the Hugging Face model files in `hf_dir` (see _HF_MODEL_FILES), nothing else."""
+  for name in os.listdir(hf_dir):
+    path = os.path.join(hf_dir, name)
+    weights = name.startswith(("model", "pytorch_model")) and name.endswith(_HF_WEIGHT_SUFFIXES)
+    if (weights or name in _HF_MODEL_FILES) and not os.path.isdir(path):
+      os.remove(path)
+      log.info("Removed %s (--overwrite)", path)
 
 
 def save_params_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str) -> None:
@@ -31,8 +70,7 @@ def save_params_dir(config: ModelConfig, params: Mapping[str, Any], out_dir: str
   import orbax.checkpoint as ocp
 
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise ValueError(f"{out_dir} already exists and is not empty; pick a new output directory.")
+  check_output(out_dir)
   params = meta.unbox(params)
   config = config.replace(scan_layers=is_scanned(params))
   with ocp.StandardCheckpointer() as ckptr:
@@ -64,6 +102,7 @@ def load_params_dir(params_dir: str) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 def _import(args: argparse.Namespace) -> None:
+  check_output(os.path.abspath(args.output))  # Before reading what may be gigabytes of weights.
   config, params = load_hf(args.hf_dir, scan_layers=args.scan_layers, dtype=args.dtype)
   log.info("Read %s: %s parameters", args.hf_dir, f"{config.num_params():,}")
   save_params_dir(config, params, args.output)
@@ -71,6 +110,8 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+  fix = "pick a new output directory or pass --overwrite to replace the model files in it"
+  check_output(args.output, fix, overwrite=args.overwrite)  # Before reading the checkpoint.
   if os.path.isfile(os.path.join(args.checkpoint, MODEL_CONFIG_FILE)):
     config, params = load_params_dir(args.checkpoint)
   elif os.path.isdir(args.checkpoint):
@@ -80,6 +121,8 @@ def _export(args: argparse.Namespace) -> None:
   else:
     raise ValueError(f"{args.checkpoint} does not exist; give a params dir or a training workdir.")
   log.info("Read %s: %s parameters", args.checkpoint, f"{config.num_params():,}")
+  if args.overwrite and os.path.isdir(args.output):  # Only now: a bad --checkpoint loses nothing.
+    _remove_hf_model(args.output)
   extra = {}
   tokenizer_dir = os.path.join(args.checkpoint, "tokenizer")  # A training run saves it there.
   if os.path.isdir(tokenizer_dir):
@@ -113,8 +156,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   exp.add_argument("--output", required=True, help="HF directory to write")
   exp.add_argument("--dtype", default=None, help="dtype of the written weights (default: as is)")
   exp.add_argument("--max_shard_bytes", type=int, default=5 * 10**9, help="bytes per shard")
+  exp.add_argument(
+    "--overwrite", action="store_true", help="replace the HF model files in an existing --output"
+  )
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save and restore at INFO.
   if args.dtype is not None and args.dtype not in ("float32", "bfloat16", "float16"):
     parser.error(f"--dtype={args.dtype} is not one of float32, bfloat16, float16.")
   try:

@@ -187,17 +187,47 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
   return params
 
 
+def _read_json(path: str) -> dict[str, Any]:
+  """The JSON object in `path`; a file that is not one is a ValueError naming it."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except ValueError as e:  # JSONDecodeError, or bytes that are not text at all.
+    raise ValueError(f"{path} is not valid JSON ({e}); fix it or download the model again.") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; fix it.")
+  return value
+
+
+def _open(path: str, stack: contextlib.ExitStack) -> Any:
+  """A safe_open handle on `path`; an unreadable, truncated or corrupt file is a ValueError."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    return stack.enter_context(safe_open(path, framework="np"))
+  except FileNotFoundError as e:
+    raise ValueError(
+      f"{path}, named in {INDEX_FILE}, is missing; download or export the model again."
+    ) from e
+  except SafetensorError as e:  # Raised on open: safetensors checks the header and file size.
+    reason = str(e).removeprefix("Error while deserializing header: ")
+    raise ValueError(
+      f"{path} is truncated or corrupt ({reason}); download or export it again."
+    ) from e
+  except OSError as e:
+    raise ValueError(f"{path} cannot be read ({e}); make it a readable file.") from e
+
+
 class _Weights:
   """Lazy reader of the tensors of a (possibly sharded) safetensors checkpoint."""
 
   def __init__(self, hf_dir: str, stack: contextlib.ExitStack):
-    from safetensors import safe_open
-
     index = os.path.join(hf_dir, INDEX_FILE)
     single = os.path.join(hf_dir, WEIGHTS_FILE)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map; download or export the model again.")
     elif os.path.exists(single):
       weight_map = None
     else:
@@ -206,10 +236,7 @@ class _Weights:
         "transformers' save_pretrained(dir, safe_serialization=True) first."
       )
     files = sorted(set(weight_map.values())) if weight_map else [WEIGHTS_FILE]
-    self._handles = {
-      name: stack.enter_context(safe_open(os.path.join(hf_dir, name), framework="np"))
-      for name in files
-    }
+    self._handles = {name: _open(os.path.join(hf_dir, name), stack) for name in files}
     if weight_map is None:
       weight_map = {key: WEIGHTS_FILE for key in self._handles[WEIGHTS_FILE].keys()}
     self._map, self._dir = weight_map, hf_dir
@@ -252,9 +279,7 @@ def load_hf(
       f"{hf_dir} has no {CONFIG_FILE}; point --hf_dir at a directory written by "
       "transformers' save_pretrained (a Llama 3 checkpoint)."
     )
-  with open(cfg_path) as f:
-    hf = json.load(f)
-  config = config_from_hf(hf)
+  config = config_from_hf(_read_json(cfg_path))
   np_dtype = np.dtype(jnp.dtype(dtype or "float32"))
   with contextlib.ExitStack() as stack:
     weights = _Weights(hf_dir, stack)

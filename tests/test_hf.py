@@ -2,13 +2,16 @@
 
 import base64
 import json
+import logging
 import os
+import re
 import sys
 import types
 
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from flax.linen import meta
 
 torch = pytest.importorskip("torch")
@@ -183,6 +186,14 @@ def test_both_rope_spellings_give_one_config(case):
     ("llama3_partial", r"llama3 RoPE scaling lacks \['low_freq_factor'"),
     ("untyped_factor", "has a factor but no rope_type"),
     ("bias", "has attention_bias=True"),
+    ("bad_json", r"DIR/config.json is not valid JSON \(Expecting property name"),
+    ("json_list", "DIR/config.json holds a JSON list, not an object"),
+    ("bad_index", r"DIR/model.safetensors.index.json is not valid JSON \(Expecting value"),
+    ("index_no_map", "DIR/model.safetensors.index.json has no weight_map"),
+    ("missing_shard", "DIR/model-00002-of-00002.safetensors, named in model.safetensors.index"),
+    ("truncated", r"DIR/model.safetensors is truncated or corrupt \(incomplete metadata"),
+    ("garbage", r"DIR/model.safetensors is truncated or corrupt \(header too large\)"),
+    ("empty_weights", r"DIR/model.safetensors is truncated or corrupt \(header too small\)"),
   ],
 )
 def test_not_a_llama_dir_raises_one_clear_sentence(tmp_path, setup, match):
@@ -200,9 +211,29 @@ def test_not_a_llama_dir_raises_one_clear_sentence(tmp_path, setup, match):
     hf["attention_bias"] = True
   if setup != "empty":
     (tmp_path / "config.json").write_text(json.dumps(hf))
-  with pytest.raises(ValueError, match=match) as err:
+  if setup in ("bad_json", "json_list"):
+    (tmp_path / "config.json").write_text(
+      '{"model_type": "llama",\n}' if setup == "bad_json" else "[]"
+    )
+  index = {"bad_index": "", "index_no_map": "{}"}
+  index["missing_shard"] = json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}})
+  if setup in index:
+    (tmp_path / "model.safetensors.index.json").write_text(index[setup])
+  if setup in ("truncated", "garbage", "empty_weights"):
+    from safetensors.numpy import save_file
+
+    weights = str(tmp_path / "model.safetensors")
+    save_file({"model.embed_tokens.weight": np.ones((8, 8), np.float32)}, weights)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    bad = {"truncated": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty_weights": b""}
+    (tmp_path / "model.safetensors").write_bytes(bad[setup])
+  with pytest.raises(ValueError, match=match.replace("DIR", re.escape(str(tmp_path)))) as err:
     load_hf(str(tmp_path))
   assert "\n" not in str(err.value) and str(err.value).endswith(".")
+  if setup == "truncated":  # The CLI prints that one line (trainer.generate and init_from do too).
+    with pytest.raises(SystemExit) as e:
+      main(["import", f"--hf_dir={tmp_path}", f"--output={tmp_path / 'params'}"])
+    assert e.value.code == f"error: {err.value}"
 
 
 def test_cli_import_export_round_trip(tmp_path, monkeypatch):
@@ -244,6 +275,58 @@ def test_cli_import_export_round_trip(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
       main(["export", *bad, f"--output={tmp_path / 'hf5'}"])
     assert e.value.code != 0 and not (tmp_path / "hf5").exists()
+
+
+def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(tmp_path, caplog):
+  src = _saved(tmp_path / "hf", GQA)  # Another model: weights, config.json, generation_config.json.
+  config, params = load_hf(src)
+  save_params_dir(config, params, str(tmp_path / "params"))
+  export = ["export", f"--checkpoint={tmp_path / 'params'}"]
+  before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+  assert "generation_config.json" in before
+  (tmp_path / "afile").write_text("precious")
+  for out, message in (
+    (src, "not empty; pick a new output directory or pass --overwrite to replace"),
+    (tmp_path / "afile", "exists and is not a directory; pick a new output directory."),
+  ):
+    with pytest.raises(SystemExit) as e:
+      main([*export, f"--output={out}"])
+    assert str(e.value.code).startswith(f"error: {out} ") and message in str(e.value.code)
+  assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+  assert (tmp_path / "afile").read_text() == "precious"
+  # --overwrite with a bad --checkpoint still loses nothing.
+  with pytest.raises(SystemExit):
+    main(["export", "--checkpoint=/nonexistent/run", f"--output={src}", "--overwrite"])
+  assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+  # --overwrite replaces the earlier model (shards, index, generation config), keeps other files.
+  out = tmp_path / "out"
+  save_hf(config, params, str(out), max_shard_bytes=40_000)
+  (out / "generation_config.json").write_bytes(before["generation_config.json"])
+  (out / "README.md").write_text("notes")
+  absl_logging.set_verbosity(absl_logging.INFO)  # As a fresh process starts; main lowers it.
+  caplog.set_level(logging.INFO)
+  main([*export, f"--output={out}", "--overwrite"])
+  assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+  assert (out / "README.md").read_text() == "notes"
+  jax.tree.map(np.testing.assert_array_equal, load_hf(str(out))[1], params)
+  # Orbax's INFO narration (CheckpointManager init, closing metadata stores) stays quiet.
+  assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
+  assert any("Wrote Hugging Face checkpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_import_checks_the_output_before_reading_weights(tmp_path, monkeypatch):
+  monkeypatch.setattr("model.convert.load_hf", lambda *a, **k: pytest.fail("read the weights"))
+  (tmp_path / "used").mkdir()
+  (tmp_path / "used" / "notes.txt").write_text("x")
+  (tmp_path / "afile").write_text("x")
+  for out, message in (
+    (tmp_path / "used", "already exists and is not empty; pick a new output directory."),
+    (tmp_path / "afile", "exists and is not a directory; pick a new output directory."),
+  ):
+    with pytest.raises(SystemExit) as e:
+      main(["import", f"--hf_dir={tmp_path}", f"--output={out}"])
+    assert e.value.code == f"error: {out} {message}"
 
 
 def _tiktoken_file(bpe_json: str, path: str) -> str:
