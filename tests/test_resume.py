@@ -279,6 +279,13 @@ def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path):
       assert _eval_loss(trained, older) != pytest.approx(last["eval_loss"], rel=1e-5)
   with pytest.raises(ValueError, match=r"No checkpoint in .* restores \(step 4: .*; step 2: "):
     restore_params(str(tmp_path / "a"))
+  (tmp_path / "a" / "config.json").write_text('{"model": {"embed_dim": 6')  # cut off
+  with pytest.raises(ValueError, match=r"config.json is not a run's config .*copy it back from"):
+    restore_params(str(tmp_path / "a"))
+  (tmp_path / "p").mkdir()
+  (tmp_path / "p" / "model_config.json").write_text("{}")  # What model.hf import writes.
+  with pytest.raises(FileNotFoundError, match="parameters from model.hf import; use the Hugging"):
+    restore_params(str(tmp_path / "p"))
 
 
 def test_watchdog_dumps_stacks_and_exits_nonzero():

@@ -146,6 +146,10 @@ def test_mesh_that_does_not_fit_is_one_clear_error():
   config = tiny_config(**{"mesh.data": 3, "mesh.fsdp": 1, "mesh.tensor": 1})
   with pytest.raises(MeshError, match="needs 3 devices but 8 are available"):
     create_mesh(config.mesh)
+  with pytest.raises(MeshError, match="num_slices=3 does not divide the 8 devices; set it to"):
+    create_mesh(tiny_config(**{"mesh.num_slices": 3}).mesh)
+  with pytest.raises(MeshError, match="num_slices=2 needs TPU slices .* cpu devices have none"):
+    create_mesh(tiny_config(**{"mesh.num_slices": 2}).mesh)
 
 
 def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, caplog):

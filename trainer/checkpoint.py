@@ -273,8 +273,19 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
   run_dir = absolute(workdir)
   config_path = run_dir / "config.json"
   if not config_path.exists():
-    raise FileNotFoundError(f"{config_path} does not exist; {workdir} is not a training run's dir.")
-  model_dict = json.loads(config_path.read_text())["model"]
+    hint = (
+      "it holds parameters from model.hf import; use the Hugging Face dir they came from"
+      if (run_dir / "model_config.json").exists()
+      else "pass the --workdir of a training run"
+    )
+    raise FileNotFoundError(f"{config_path} does not exist; {hint}.")
+  try:
+    model_dict = json.loads(config_path.read_text())["model"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f"{config_path} is not a run's config ({type(e).__name__}: {e}); copy it back from the "
+      f"one each checkpoint holds ({run_dir / 'checkpoints' / 'STEP' / 'config' / 'metadata'})."
+    ) from None
   mcfg = ModelConfig(**model_dict)
   manager = ocp.CheckpointManager(
     run_dir / "checkpoints",

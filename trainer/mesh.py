@@ -51,8 +51,16 @@ def create_mesh(mesh_config: Any, devices: Sequence[Any] | None = None) -> Mesh:
   """
   devices = list(jax.devices() if devices is None else devices)
   num_slices = int(mesh_config.num_slices)
-  if len(devices) % num_slices:
-    raise MeshError(f"mesh.num_slices={num_slices} does not divide the {len(devices)} devices.")
+  if num_slices < 1 or len(devices) % num_slices:
+    raise MeshError(
+      f"mesh.num_slices={num_slices} does not divide the {len(devices)} devices; set it to the "
+      "number of TPU slices the run has (1 for one slice, GPU or CPU)."
+    )
+  if num_slices > 1 and not all(hasattr(d, "slice_index") for d in devices):
+    raise MeshError(
+      f"mesh.num_slices={num_slices} needs TPU slices joined over DCN, and {devices[0].platform} "
+      "devices have none; set mesh.num_slices=1 (launch.plan --slices plans multi-slice runs)."
+    )
   per_slice = len(devices) // num_slices
   ici = resolve_shape(
     (mesh_config.data, mesh_config.fsdp, mesh_config.tensor),
