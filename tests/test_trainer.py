@@ -230,6 +230,17 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
   result = _train_cli(tmp_path, "--config=configs/nope.py")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "error: --config does not load ([Errno 2] No such file" in result.stderr
+  # A config file is Python: its own errors are one line naming the file and line.
+  for name, code, message in (
+    ("syntax.py", "def get_config(:\n", "syntax.py line 1 does not parse (invalid syntax)"),
+    ("raises.py", "def get_config():\n  return nope\n", "raises.py line 2 raised NameError"),
+    ("none.py", "X = 1\n", "the --config file has no get_config(); define one"),
+  ):
+    (tmp_path / name).write_text(code)
+    cmd = [sys.executable, "-m", "trainer.train", f"--config={tmp_path / name}", "--workdir=w"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1]
 
 
 def test_bad_values_fail_before_training(tmp_path):

@@ -59,10 +59,24 @@ def parse_flags(argv: list[str]) -> list[str]:
       e = e.args[0]
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     message = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+    if "get_config" in message:
+      sys.exit(
+        "error: the --config file has no get_config(); define one that returns an "
+        "ml_collections.ConfigDict, as configs/*.py do."
+      )
     if isinstance(e, KeyError | AttributeError):
       message = f"unknown config key: {message}"
     sys.exit(
       f"error: {message} (run with --helpfull for the flags; config keys are in configs/base.py)"
+    )
+  except SyntaxError as e:  # The config file is Python, loaded while the flags are parsed.
+    sys.exit(f"error: {e.filename} line {e.lineno} does not parse ({e.msg}); fix the file.")
+  except Exception as e:  # noqa: BLE001 - an error inside the config file's own code.
+    import traceback  # noqa: PLC0415
+
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    sys.exit(
+      f"error: {where.filename} line {where.lineno} raised {type(e).__name__}: {e}; fix the file."
     )
 
 
