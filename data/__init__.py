@@ -64,7 +64,17 @@ def _create(config: Any, mesh: Mesh) -> Any:
       )
     else:
       path = d.path
-    return PreparedPipeline(path, **common)
+    pipeline = PreparedPipeline(path, **common)
+    if source == "prepared" and d.tokenizer != "byte":  # 'byte' is also the unset default.
+      from data.tokenizers import load_tokenizer
+
+      if load_tokenizer(d.tokenizer).fingerprint != pipeline.tokenizer.fingerprint:
+        raise ValueError(
+          f"data.tokenizer={d.tokenizer!r} is not the tokenizer {path} was prepared with "
+          f"({pipeline.tokenizer.kind}, {pipeline.tokenizer.vocab_size} ids); prepared data "
+          "brings its own, so drop data.tokenizer or prepare the data again with it."
+        )
+    return pipeline
   if source in ("tfds", "hf", "text"):
     from data.streaming import StreamingPipeline
 

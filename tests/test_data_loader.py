@@ -11,6 +11,7 @@ from data.batching import batch_sharding
 from data.loader import PreparedPipeline, read_metadata, record_indices, rows_dataset
 from data.prepare import prepare
 from data.stdlib import ensure_stdlib_prepared, stdlib_files
+from tests.common import write_tiktoken
 
 B, T = 8, 16
 
@@ -167,6 +168,11 @@ def test_create_pipeline_and_stdlib_cache(prepared, tmp_path):
   p = create_pipeline(c, _mesh())
   assert p.fingerprint == read_metadata(prepared)["fingerprint"]
   assert next(p.train_batches(0))["inputs"].shape == (B, T)
+  # Prepared data brings its own tokenizer: another one named beside it is not quietly ignored.
+  c.data.tokenizer = write_tiktoken(tmp_path / "tokenizer.model", [b"th"])
+  with pytest.raises(ValueError, match=r"tokenizer.model' is not the tokenizer .* prepared with"):
+    create_pipeline(c, _mesh())
+  c.data.tokenizer = "byte"
   c.data.source, c.data.path = "nope", ""
   with pytest.raises(ValueError, match="data.source='nope' is unknown"):
     create_pipeline(c, _mesh())
