@@ -254,11 +254,16 @@ def _quiet_unraisable() -> Iterator[None]:
   for the garbage collector (each with a full TensorStore spec); the failure itself is logged."""
   hook = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
+  # Orbax's reads run as asyncio tasks; a failed one is also logged as never retrieved.
+  asyncio_log = logging.getLogger("asyncio")
+  level = asyncio_log.level
+  asyncio_log.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
     gc.collect()
     sys.unraisablehook = hook
+    asyncio_log.setLevel(level)
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any]:
@@ -287,11 +292,17 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
       f"one each checkpoint holds ({run_dir / 'checkpoints' / 'STEP' / 'config' / 'metadata'})."
     ) from None
   mcfg = ModelConfig(**model_dict)
-  manager = ocp.CheckpointManager(
-    run_dir / "checkpoints",
-    item_names=("state", "data", "config"),
-    options=ocp.CheckpointManagerOptions(read_only=True),
-  )
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)  # Orbax warns that a read-only directory is read-only.
+  try:
+    manager = ocp.CheckpointManager(
+      run_dir / "checkpoints",
+      item_names=("state", "data", "config"),
+      options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
+    )
+  finally:
+    absl_log.setLevel(level)
   steps = sorted(manager.all_steps())
   if not steps:
     manager.close()
