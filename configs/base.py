@@ -38,7 +38,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 8  # Key/value heads K (GQA); equal to num_heads for plain MHA.
   m.head_dim = 128  # Per-head width H.
   m.rope_theta = 500000.0  # RoPE base.
-  # Llama 3.1 frequency scaling; None for plain RoPE.
+  # Llama 3.1 frequency scaling; None (or factor 1.0, settable on the command line) is plain RoPE.
   m.rope_scaling = ml_collections.ConfigDict(
     dict(
       factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192

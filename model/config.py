@@ -75,7 +75,9 @@ class ModelConfig:
         )
       if int(scaling["original_max_position_embeddings"]) <= 0:
         raise ValueError("model.rope_scaling.original_max_position_embeddings must be positive.")
-      object.__setattr__(self, "rope_scaling", FrozenDict(scaling))
+      # Factor 1 scales nothing: plain RoPE, exactly (how a command line turns scaling off).
+      plain = float(scaling["factor"]) == 1.0
+      object.__setattr__(self, "rope_scaling", None if plain else FrozenDict(scaling))
     for name in SIZE_FIELDS:
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}.")

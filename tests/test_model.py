@@ -209,6 +209,12 @@ def test_bad_config_raises_clear_error(change, match):
     TINY.replace(**change)
 
 
+def test_rope_scaling_factor_1_is_plain_rope():
+  """The command line cannot set rope_scaling to None; factor 1.0 turns it off, exactly."""
+  assert TINY.replace(rope_scaling={**SCALING, "factor": 1.0}).rope_scaling is None
+  assert TINY.replace(rope_scaling=SCALING).rope_scaling["factor"] == 8.0
+
+
 @pytest.mark.parametrize("lookup", ["embed_tokens", "jnp.take"])
 @pytest.mark.parametrize("shape", [(2, 4, 1), (2, 2, 2)])
 def test_embedding_stays_split_over_the_mesh(lookup, shape):

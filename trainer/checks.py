@@ -3,6 +3,7 @@ heavy imports: the benchmark runs where CLU, grain and TensorFlow are not instal
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
@@ -66,6 +67,16 @@ def parse_flags(argv: list[str]) -> list[str]:
       )
     if isinstance(e, KeyError | AttributeError):
       message = f"unknown config key: {message}"
+    fixed = re.search(
+      r"Type <class '(\w+)'> of field config\.(\S+) is not supported for over", message
+    )
+    if fixed:  # ml_collections cannot override a None (or other such) value from the flags.
+      kind = "None" if fixed.group(1) == "NoneType" else f"a {fixed.group(1)}"
+      sys.exit(
+        f"error: {fixed.group(2)} is {kind} in this config file, which cannot be "
+        "changed on the command line; set it in the config file (model.rope_scaling: "
+        "--config.model.rope_scaling.factor=1.0 turns Llama 3.1 scaling off)."
+      )
     sys.exit(
       f"error: {message} (run with --helpfull for the flags; config keys are in configs/base.py)"
     )
