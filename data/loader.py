@@ -51,18 +51,25 @@ def record_indices(
 
 
 class _StepRows(grain.MapDataset):
-  """Element j is global row `rows[j % n]` of step `j // n`: one host's rows, step after step."""
+  """Element j is global row `rows[j % n]` of step `j // n`: one host's rows, step after step.
 
-  def __init__(self, parent: grain.MapDataset, rows: np.ndarray, global_batch: int):
+  Step `origin_step` starts at sample `origin_sample` of the shuffled stream, and each step
+  takes `global_batch` samples.
+  """
+
+  def __init__(
+    self, parent: grain.MapDataset, rows: np.ndarray, global_batch: int, origin: tuple[int, int]
+  ):
     super().__init__(parent)
     self._rows, self._global_batch = [int(r) for r in rows], global_batch
+    self._origin_step, self._origin_sample = origin
 
   def __len__(self) -> int:
     return sys.maxsize
 
   def _index(self, j: int) -> int:
     step, k = divmod(j, len(self._rows))
-    return step * self._global_batch + self._rows[k]
+    return self._origin_sample + (step - self._origin_step) * self._global_batch + self._rows[k]
 
   def __getitem__(self, index):
     if isinstance(index, slice):
@@ -93,7 +100,12 @@ def rows_dataset(path: str, meta: dict[str, Any], split: str) -> grain.MapDatase
 
 
 class PreparedPipeline:
-  """Train and eval batches from a `data.prepare` dir; the data state is the step number."""
+  """Train and eval batches from a `data.prepare` dir; the data state is the step number.
+
+  Step s reads samples s * global_batch onwards of the shuffled, repeated rows. A run resumed
+  with another global_batch_size continues from the sample where the saved run stopped, not
+  from s * the new batch: `state()` holds the (step, sample) origin that makes this so.
+  """
 
   def __init__(
     self,
@@ -130,26 +142,45 @@ class PreparedPipeline:
     self.local_rows = host_rows(sharding, global_batch, seq_len)
     self._train = rows_dataset(path, self.meta, "train").shuffle(_shuffle_seed(seed)).repeat()
     self._eval_path = eval_path or path
+    self._origin = (0, 0)  # Step 0 starts at sample 0; moved when a resume changes the batch.
+    self._saved: dict[str, Any] | None = None
 
   def state(self) -> dict[str, Any]:
-    """Nothing beyond the step number: the batch of a step never depends on history."""
-    return {}
+    """Where the steps sit in the sample stream: the (step, sample) origin and the batch."""
+    return {"origin": list(self._origin), "global_batch": self.global_batch}
 
   def restore(self, positions: list[dict[str, Any]]) -> None:
-    """Nothing to restore (see `state`)."""
+    """Takes the saved origin (every host saved the same one); `train_batches` continues from
+    the sample the saved run would have read next, whatever this run's batch size."""
+    saved = next((p for p in positions if p and "origin" in p), None)
+    self._saved = dict(saved) if saved else None
+
+  def first_sample(self, step: int) -> int:
+    """The index, in the shuffled repeated stream, of step `step`'s first row."""
+    origin_step, origin_sample = self._origin
+    return origin_sample + (step - origin_step) * self.global_batch
 
   def read_rows(self, step: int, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Examples for global rows `rows` of `step`, read synchronously."""
-    parts = self._train._getitems([step * self.global_batch + int(r) for r in rows])
+    parts = self._train._getitems([self.first_sample(step) + int(r) for r in rows])
     return rows_to_example(*_stack(parts))
 
   def host_dataset(self, rows: np.ndarray, start_step: int = 0) -> grain.MapDataset:
     """Element i: this host's examples (global rows `rows`) of step start_step + i."""
-    steps = _StepRows(self._train, rows, self.global_batch)
+    steps = _StepRows(self._train, rows, self.global_batch, self._origin)
     return steps.batch(len(rows), batch_fn=_stack).map(_to_example)[start_step:]
 
   def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     """Global batches of steps start_step, start_step + 1, ... (forever)."""
+    if self._saved is not None:
+      (step, sample), batch = self._saved["origin"], int(self._saved["global_batch"])
+      self._origin = (start_step, int(sample) + (start_step - int(step)) * batch)
+      if batch != self.global_batch:
+        print(
+          f"global_batch_size changed from {batch} to {self.global_batch}: step {start_step} "
+          f"continues from sample {self._origin[1]} of the data, where the saved run stopped.",
+          file=sys.stderr,
+        )
     ds = self.host_dataset(self.local_rows, start_step).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, self.prefetch))
     )

@@ -1,5 +1,7 @@
 """The prepared-data loader: (seed, step) fixes each batch; hosts read disjoint rows; resume."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -95,6 +97,31 @@ def test_global_batches_match_the_pure_function(prepared):
   np.testing.assert_array_equal(
     np.asarray(next(again)["inputs"]), p.read_rows(4, np.arange(B))["inputs"]
   )
+
+
+def test_a_resume_with_another_batch_size_continues_from_the_next_sample(prepared, capsys):
+  """Batch-size ramps (as Llama 3's pretraining did): step 4 of a run resumed with twice the
+  batch reads the samples steps 4 and 5 would have read, not those of a step 8 at batch 8."""
+  mesh = _mesh()
+  before = _pipeline(prepared, mesh)
+  saved = json.loads(json.dumps(before.state()))  # As the checkpoint stores it.
+  want = [before.read_rows(s, np.arange(B))["inputs"] for s in (4, 5, 6, 7)]
+  doubled = PreparedPipeline(
+    prepared, seed=0, global_batch=2 * B, seq_len=T, sharding=batch_sharding(mesh)
+  )
+  doubled.restore([saved, saved])  # One per process, all the same.
+  it = doubled.train_batches(4)
+  for step in (4, 5):
+    got = np.asarray(next(it)["inputs"])
+    np.testing.assert_array_equal(got, np.concatenate(want[2 * (step - 4) : 2 * (step - 3)]))
+  assert "global_batch_size changed from 8 to 16: step 4 continues from sample 32" in (
+    capsys.readouterr().err
+  )
+  # Saved again and resumed at the old batch: still the next unread samples.
+  back = _pipeline(prepared, mesh)
+  back.restore([json.loads(json.dumps(doubled.state()))])
+  resumed = np.asarray(next(back.train_batches(6))["inputs"])  # Samples 32 + 2 x 16 = 64...
+  np.testing.assert_array_equal(resumed, before.read_rows(8, np.arange(B))["inputs"])
 
 
 def test_seed_fixes_the_order_and_epochs_reshuffle(prepared):

@@ -267,8 +267,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
 
 def _restore_data_position(pipeline: Any, data_state: dict[str, Any]) -> None:
-  """Hands every process's saved data position to the pipeline, which takes its own (none for
-  step-indexed pipelines, whose positions are empty)."""
+  """Hands every process's saved data position to the pipeline, which takes its own (synthetic
+  data saves none)."""
   positions = data_state.get("iterators")
   if positions is None:  # Saved by one process before positions were gathered.
     positions = [data_state.get("iterator") or {}]
