@@ -335,6 +335,9 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
           logging.info("Read the parameters of step %d from %s.", s, run_dir / "checkpoints")
           return mcfg, params
         except Exception as e:  # noqa: BLE001 - a corrupt checkpoint falls back to an older one.
+          # Reads still in flight finish into Orbax's closed event loop and print a traceback
+          # each; let them land while those reports are muted.
+          time.sleep(0.5)
           errors.append(f"step {s}: {_first_line(e)}")
           logging.warning("Checkpoint at step %d failed to restore (%s).", s, _first_line(e))
   finally:
