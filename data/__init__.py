@@ -68,11 +68,17 @@ def _create(config: Any, mesh: Mesh) -> Any:
     if source == "prepared" and d.tokenizer != "byte":  # 'byte' is also the unset default.
       from data.tokenizers import load_tokenizer
 
-      if load_tokenizer(d.tokenizer).fingerprint != pipeline.tokenizer.fingerprint:
+      tok = pipeline.tokenizer
+      if d.tokenizer.startswith("bpe:"):  # A BPE to train (stdlib's): its kind and size.
+        same = tok.kind == "hf" and d.tokenizer == f"bpe:{tok.vocab_size}"
+      else:
+        same = load_tokenizer(d.tokenizer).fingerprint == tok.fingerprint
+      if not same:
         raise ValueError(
           f"data.tokenizer={d.tokenizer!r} is not the tokenizer {path} was prepared with "
-          f"({pipeline.tokenizer.kind}, {pipeline.tokenizer.vocab_size} ids); prepared data "
-          "brings its own, so drop data.tokenizer or prepare the data again with it."
+          f"({tok.kind}, {tok.vocab_size} ids); prepared data brings its own, so set "
+          "--config.data.tokenizer=byte (the default, which defers to it) or prepare the data "
+          "again with that tokenizer."
         )
     return pipeline
   if source in ("tfds", "hf", "text"):

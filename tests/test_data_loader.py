@@ -199,6 +199,9 @@ def test_create_pipeline_and_stdlib_cache(prepared, tmp_path):
   c.data.tokenizer = write_tiktoken(tmp_path / "tokenizer.model", [b"th"])
   with pytest.raises(ValueError, match=r"tokenizer.model' is not the tokenizer .* prepared with"):
     create_pipeline(c, _mesh())
+  c.data.tokenizer = "bpe:4096"  # configs/tiny.py's, for its stdlib data: named, not trained.
+  with pytest.raises(ValueError, match=r"'bpe:4096' is not .*\(byte, 259 ids\); .*tokenizer=byte"):
+    create_pipeline(c, _mesh())
   c.data.tokenizer = "byte"
   c.data.source, c.data.path = "nope", ""
   with pytest.raises(ValueError, match="data.source='nope' is unknown"):

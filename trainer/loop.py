@@ -105,7 +105,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         ckpt.close()
         return {"eval_loss": eval_loss}
       logging.info(
-        "%s is already trained to step %d (steps=%d); raise --config.steps to train on.",
+        "%s is already trained to step %d (steps=%d); raise --config.steps to train on (the "
+        "cosine decay follows steps unless optimizer.decay_steps is set).",
         workdir,
         start_step,
         config.steps,
