@@ -298,19 +298,26 @@ def own_position(
   found by shard, whichever process now reads it. A different shard count or rows per host
   would continue each host from a place in another shard's stream: that is an error.
   """
-  saved = [p for p in positions if p]
+  # Prepared data saves its sample origin instead (a switch to streaming with allow_new_data).
+  saved = [p for p in positions if p and "origin" not in p]
   if not saved:
     return {}
   if all("shard" in p for p in saved):
     layouts = sorted({(p["num_shards"], p["rows"]) for p in saved})
-    mine = [p["iterator"] for p in saved if p["shard"] == shard]
-    if layouts != [(num_shards, rows)] or not mine:
-      was = " or ".join(f"{n} host shards of {r} rows" for n, r in layouts)
+    if layouts != [(num_shards, rows)]:
+      was = " or ".join(f"{n} host shard(s) of {r} rows each" for n, r in layouts)
       raise ValueError(
         f"This run's stream position was saved with each batch read as {was}, and each shard "
-        f"has its own place in the stream; this run reads {num_shards} of {rows} rows. Resume "
-        "with the same hosts and mesh axes across them, or prepare the data with data.prepare "
-        "to change them."
+        f"has its own place in the stream; this run reads {num_shards} host shard(s) of {rows} "
+        "rows each. Resume with the same hosts and mesh axes across them, or prepare the data "
+        "with data.prepare to change them."
+      )
+    mine = [p["iterator"] for p in saved if p["shard"] == shard]
+    if not mine:
+      raise ValueError(
+        f"This run's saved stream positions have none for host shard {shard} of {num_shards}; "
+        "the checkpoint's data item is incomplete. Resume from an older checkpoint (move this "
+        "one aside) or set data.allow_new_data=True to start the stream afresh."
       )
     return mine[0]
   # Saved before positions named their shard: one per process, in process order.

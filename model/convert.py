@@ -15,6 +15,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,6 +114,9 @@ def _import(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
   fix = "pick a new output directory or pass --overwrite to replace the model files in it"
   check_output(args.output, fix, overwrite=args.overwrite)  # Before reading the checkpoint.
+  for marker, what in (("checkpoints", "a training run"), (MODEL_CONFIG_FILE, "a params dir")):
+    if os.path.exists(os.path.join(args.output, marker)):
+      raise ValueError(f"{args.output} holds {what}; export to a directory of its own.")
   if os.path.isfile(os.path.join(args.checkpoint, MODEL_CONFIG_FILE)):
     config, params = load_params_dir(args.checkpoint)
   elif os.path.isdir(args.checkpoint):
@@ -121,24 +126,34 @@ def _export(args: argparse.Namespace) -> None:
   else:
     raise ValueError(f"{args.checkpoint} does not exist; give a params dir or a training workdir.")
   log.info("Read %s: %s parameters", args.checkpoint, f"{config.num_params():,}")
-  if args.overwrite and os.path.isdir(args.output):  # Only now: a bad --checkpoint loses nothing.
-    _remove_hf_model(args.output)
-  extra = {}
-  tokenizer_dir = os.path.join(args.checkpoint, "tokenizer")  # A training run saves it there.
-  if os.path.isdir(tokenizer_dir):
-    from data.hf_tokenizer import save_for_transformers
-    from data.tokenizers import tokenizer_from_prepared
+  out = os.path.abspath(args.output)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  # Written beside --output first: a failed or killed export leaves what was there untouched.
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.export-", dir=os.path.dirname(out))
+  try:
+    extra = {}
+    tokenizer_dir = os.path.join(args.checkpoint, "tokenizer")  # A training run saves it there.
+    if os.path.isdir(tokenizer_dir):
+      from data.hf_tokenizer import save_for_transformers
+      from data.tokenizers import tokenizer_from_prepared
 
-    extra = save_for_transformers(tokenizer_from_prepared(tokenizer_dir), args.output)
-    log.info("Wrote the run's tokenizer; special token ids %s", extra)
-  save_hf(
-    config,
-    params,
-    args.output,
-    dtype=args.dtype,
-    max_shard_bytes=args.max_shard_bytes,
-    extra_config=extra,
-  )
+      extra = save_for_transformers(tokenizer_from_prepared(tokenizer_dir), staging)
+      log.info("Wrote the run's tokenizer; special token ids %s", extra)
+    save_hf(
+      config,
+      params,
+      staging,
+      dtype=args.dtype,
+      max_shard_bytes=args.max_shard_bytes,
+      extra_config=extra,
+    )
+    os.makedirs(out, exist_ok=True)
+    if args.overwrite:
+      _remove_hf_model(out)
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(out, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   log.info("Wrote Hugging Face checkpoint to %s", args.output)
 
 
@@ -166,5 +181,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.error(f"--dtype={args.dtype} is not one of float32, bfloat16, float16.")
   try:
     {"import": _import, "export": _export}[args.command](args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, OSError) as e:  # OSError: a missing path, a full disk, no permission.
     raise SystemExit(f"error: {e}") from None

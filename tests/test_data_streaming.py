@@ -98,8 +98,12 @@ def test_each_host_resumes_its_own_shards_position():
   assert own_position([pos(1), pos(0), pos(1), pos(0)], 0, 2, 4) == {"at": 0}
   assert own_position([{}, {}], 0, 1, 8) == {}  # Step-indexed data saves no position.
   for shard, num_shards, rows in [(0, 1, 8), (0, 4, 2), (1, 2, 2)]:
-    with pytest.raises(ValueError, match="saved with each batch read as 2 host shards of 4 rows"):
+    with pytest.raises(ValueError, match="read as 2 host shard.s. of 4 rows each, and each"):
       own_position([pos(0), pos(1)], shard, num_shards, rows)
+  with pytest.raises(ValueError, match="have none for host shard 1 of 2; .* incomplete"):
+    own_position([pos(0), pos(0)], 1, 2, 4)
+  # Prepared data's position (a switch to streaming with allow_new_data): nothing to resume.
+  assert own_position([{"origin": [4, 32], "global_batch": 8}], 0, 1, 8) == {}
   # Saved before positions named their shard: one per process (this test is one process).
   assert own_position([{"file": 3}], 0, 1, 8) == {"file": 3}
   with pytest.raises(ValueError, match="saved by 2 processes.*resume it on 2 processes"):

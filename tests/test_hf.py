@@ -277,7 +277,9 @@ def test_cli_import_export_round_trip(tmp_path, monkeypatch):
     assert e.value.code != 0 and not (tmp_path / "hf5").exists()
 
 
-def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(tmp_path, caplog):
+def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(
+  tmp_path, caplog, monkeypatch
+):
   src = _saved(tmp_path / "hf", GQA)  # Another model: weights, config.json, generation_config.json.
   config, params = load_hf(src)
   save_params_dir(config, params, str(tmp_path / "params"))
@@ -298,6 +300,22 @@ def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(tmp_p
   with pytest.raises(SystemExit):
     main(["export", "--checkpoint=/nonexistent/run", f"--output={src}", "--overwrite"])
   assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+  # ... and so does a write that fails halfway (a full disk): the new files are staged aside.
+  def half_written(config, params, out_dir, **kw):
+    with open(os.path.join(out_dir, "model.safetensors"), "wb") as f:
+      f.write(b"partial")
+    raise OSError(28, "No space left on device")
+
+  with monkeypatch.context() as m:
+    m.setattr("model.convert.save_hf", half_written)
+    with pytest.raises(SystemExit, match="No space left"):
+      main([*export, f"--output={src}", "--overwrite"])
+  assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hf", "params"]  # No staging.
+  # A training run's or a params dir is never an export target, --overwrite or not.
+  with pytest.raises(SystemExit, match="params holds a params dir; export to a directory of"):
+    main([*export, f"--output={tmp_path / 'params'}", "--overwrite"])
 
   # --overwrite replaces the earlier model (shards, index, generation config), keeps other files.
   out = tmp_path / "out"

@@ -239,6 +239,8 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
   for name, code, message in (
     ("syntax.py", "def get_config(:\n", "syntax.py line 1 does not parse (invalid syntax)"),
     ("raises.py", "def get_config():\n  return nope\n", "raises.py line 2 raised NameError"),
+    ("value.py", "def get_config():\n  return int('x')\n", "value.py line 2 raised ValueError"),
+    ("key.py", "def get_config():\n  return {}['model']\n", "key.py line 2 raised KeyError"),
     ("none.py", "X = 1\n", "the --config file has no get_config(); define one"),
   ):
     (tmp_path / name).write_text(code)
@@ -257,7 +259,8 @@ def test_bad_values_fail_before_training(tmp_path):
     ("max_to_keep", -1, "max_to_keep=-1 must be positive, or 0 for none"),
     ("optimizer.learning_rate", -1.0, "optimizer.learning_rate=-1.0 must be positive"),
     ("optimizer.grad_clip", -1.0, "optimizer.grad_clip=-1.0 must be 0 or more"),
-    ("optimizer.b2", 1.5, "optimizer.b2=1.5 must be between 0 and 1"),
+    ("optimizer.b2", 1.0, "optimizer.b2=1.0 must be at least 0 and below 1"),
+    ("optimizer.end_lr_ratio", 1.5, "optimizer.end_lr_ratio=1.5 must be between 0 and 1"),
   ):
     with pytest.raises(ValueError, match=message):
       train_and_evaluate(tiny_config(**{"eval_every": 2, key: value}), str(tmp_path / "run"))

@@ -3,6 +3,7 @@ heavy imports: the benchmark runs where CLU, grain and TensorFlow are not instal
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -43,9 +44,37 @@ def validate(config: Any) -> None:
   for key in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
     if not opt[key] >= 0:
       raise ValueError(f"optimizer.{key}={opt[key]} must be 0 or more.")
-  for key in ("b1", "b2", "end_lr_ratio"):
-    if not 0 <= opt[key] <= 1:
-      raise ValueError(f"optimizer.{key}={opt[key]} must be between 0 and 1.")
+  for key in ("b1", "b2"):  # Adam's bias correction divides by 1 - b^t: b = 1 gives NaN.
+    if not 0 <= opt[key] < 1:
+      raise ValueError(f"optimizer.{key}={opt[key]} must be at least 0 and below 1.")
+  if not 0 <= opt.end_lr_ratio <= 1:
+    raise ValueError(f"optimizer.end_lr_ratio={opt.end_lr_ratio} must be between 0 and 1.")
+
+
+def _raised_in_config_file(argv: list[str], error: BaseException) -> str | None:
+  """'FILE line N raised X: ...' when `error`, or an exception it wraps, came from the code of the
+  --config file itself (ml_collections wraps what get_config() raises)."""
+  import traceback  # noqa: PLC0415
+
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if not paths:
+    return None
+  path = os.path.realpath(paths[-1].split(":", 1)[0])
+  todo, seen, innermost = [error], set(), error
+  while todo:
+    e = todo.pop()
+    if id(e) in seen:
+      continue
+    seen.add(id(e))
+    innermost = e
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if os.path.realpath(f.filename) == path]
+    if mine:
+      return f"{mine[-1].filename} line {mine[-1].lineno} raised {type(e).__name__}: {e}"
+    todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
+  if "Error whilst parsing config file" in str(error):  # e.g. get_config() with parameters
+    return f"loading {paths[-1]} raised {type(innermost).__name__}: {innermost}"
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -54,13 +83,18 @@ def parse_flags(argv: list[str]) -> list[str]:
 
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except SyntaxError as e:  # The config file is Python, loaded while the flags are parsed.
+    sys.exit(f"error: {e.filename} line {e.lineno} does not parse ({e.msg}); fix the file.")
+  except Exception as e:  # noqa: BLE001 - one line whatever the flags or the config file raise.
+    raised = _raised_in_config_file(argv, e)
+    if raised:
+      sys.exit(f"error: {raised}; fix the file.")
     # A bad key arrives as AttributeError(KeyError(message)); str() of a KeyError is a repr.
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     message = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
-    if "get_config" in message:
+    if re.search(r"has no attribute 'get_config'", message):
       sys.exit(
         "error: the --config file has no get_config(); define one that returns an "
         "ml_collections.ConfigDict, as configs/*.py do."
@@ -72,22 +106,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     )
     if fixed:  # ml_collections cannot override a None (or other such) value from the flags.
       kind = "None" if fixed.group(1) == "NoneType" else f"a {fixed.group(1)}"
+      hint = (
+        " (model.rope_scaling: --config.model.rope_scaling.factor=1.0 on a config that has "
+        "Llama 3.1 scaling turns it off)"
+        if fixed.group(2) == "model.rope_scaling"
+        else ""
+      )
       sys.exit(
-        f"error: {fixed.group(2)} is {kind} in this config file, which cannot be "
-        "changed on the command line; set it in the config file (model.rope_scaling: "
-        "--config.model.rope_scaling.factor=1.0 turns Llama 3.1 scaling off)."
+        f"error: {fixed.group(2)} is {kind} in this config file, which cannot be changed on the "
+        f"command line; set it in the config file{hint}."
       )
     sys.exit(
       f"error: {message} (run with --helpfull for the flags; config keys are in configs/base.py)"
-    )
-  except SyntaxError as e:  # The config file is Python, loaded while the flags are parsed.
-    sys.exit(f"error: {e.filename} line {e.lineno} does not parse ({e.msg}); fix the file.")
-  except Exception as e:  # noqa: BLE001 - an error inside the config file's own code.
-    import traceback  # noqa: PLC0415
-
-    where = traceback.extract_tb(e.__traceback__)[-1]
-    sys.exit(
-      f"error: {where.filename} line {where.lineno} raised {type(e).__name__}: {e}; fix the file."
     )
 
 
