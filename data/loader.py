@@ -3,7 +3,9 @@
 Row r of step s is record `shuffle_seed(s * global_batch + r)` of the prepared dir, where the
 shuffle is grain's index shuffle (a bijection per epoch, reseeded each epoch; no permutation is
 ever held in memory). Each host reads only the rows its own devices hold, so the data state is
-the step number and resume is exact on any host count or mesh.
+the step number and resume is exact on any host count or mesh. A run resumed with another
+global batch size moves the origin: from its resume step on, step s starts at sample
+`origin_sample + (s - origin_step) * global_batch` (see `PreparedPipeline.state`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _shuffle_seed(seed: int) -> int:
 def record_indices(
   seed: int, step: int, rows: np.ndarray, global_batch: int, num_records: int
 ) -> np.ndarray:
-  """The records that global rows `rows` of `step` read: the pure (seed, step) -> data map."""
+  """The records that global rows `rows` of `step` read: the pure (seed, step) -> data map of a
+  run that never changed its batch size."""
   order = grain.MapDataset.range(num_records).shuffle(_shuffle_seed(seed))
   return np.array([order[step * global_batch + int(r)] for r in rows], np.int64)
 
@@ -100,7 +103,8 @@ def rows_dataset(path: str, meta: dict[str, Any], split: str) -> grain.MapDatase
 
 
 class PreparedPipeline:
-  """Train and eval batches from a `data.prepare` dir; the data state is the step number.
+  """Train and eval batches from a `data.prepare` dir; the data state is the step number (and,
+  after a batch-size change, the sample that its resume step started at).
 
   Step s reads samples s * global_batch onwards of the shuffled, repeated rows. A run resumed
   with another global_batch_size continues from the sample where the saved run stopped, not
@@ -144,9 +148,12 @@ class PreparedPipeline:
     self._eval_path = eval_path or path
     self._origin = (0, 0)  # Step 0 starts at sample 0; moved when a resume changes the batch.
     self._saved: dict[str, Any] | None = None
+    self._started = False
 
   def state(self) -> dict[str, Any]:
     """Where the steps sit in the sample stream: the (step, sample) origin and the batch."""
+    if self._saved is not None and not self._started:  # Restored, not yet applied.
+      return dict(self._saved)
     return {"origin": list(self._origin), "global_batch": self.global_batch}
 
   def restore(self, positions: list[dict[str, Any]]) -> None:
@@ -172,6 +179,7 @@ class PreparedPipeline:
 
   def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     """Global batches of steps start_step, start_step + 1, ... (forever)."""
+    self._started = True
     if self._saved is not None:
       (step, sample), batch = self._saved["origin"], int(self._saved["global_batch"])
       self._origin = (start_step, int(sample) + (start_step - int(step)) * batch)

@@ -80,9 +80,10 @@ class Tokenizer:
   def encode_prompt(self, text: str) -> list[int]:
     """Ids of a prompt, BOS first, with special-token text such as '<|eot_id|>' as that token.
 
-    `encode` keeps such text as text, so a training document can never forge a control token;
-    a prompt for an instruct model spells its chat headers out, and transformers reads them as
-    the tokens they name. A prompt that starts with BOS text gets no second BOS.
+    `encode` keeps such text as text (for byte-level vocabularies), so a training document
+    cannot forge a control token; a prompt for an instruct model spells its chat headers out,
+    and transformers reads them as the tokens they name. A prompt that starts with BOS text gets
+    no second BOS.
     """
     ids = self._encode_specials(text)
     return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]

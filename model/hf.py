@@ -194,6 +194,8 @@ def _read_json(path: str) -> dict[str, Any]:
       value = json.load(f)
   except ValueError as e:  # JSONDecodeError, or bytes that are not text at all.
     raise ValueError(f"{path} is not valid JSON ({e}); fix it or download the model again.") from e
+  except OSError as e:
+    raise ValueError(f"{path} cannot be read ({e.strerror or e}); make it a readable file.") from e
   if not isinstance(value, dict):
     raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; fix it.")
   return value

@@ -112,6 +112,10 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight, caplog, capfd)
   with pytest.raises(ValueError, match=r"No checkpoint in .* restores: steps \[12, 8, 4\] were"):
     train_and_evaluate(config(), str(tmp_path))
   assert losses(tmp_path) == straight
+  # Rerun, as the error says: the run starts over, and so do its metrics (each step once).
+  train_and_evaluate(config(), str(tmp_path))
+  steps = [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
+  assert steps == list(range(1, STEPS + 1)) and losses(tmp_path) == straight
   # Failed reads leave un-awaited coroutines; their reports (screens of spec) are not printed.
   assert "Exception ignored" not in capfd.readouterr().err
 

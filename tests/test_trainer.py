@@ -231,7 +231,7 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
   assert result.returncode != 0 and "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: model.rope_scaling is None in this config file, which cannot")
-  assert "--config.model.rope_scaling.factor=1.0 turns" in last
+  assert "--config.model.rope_scaling.factor=1.0 on a config that has Llama 3.1 scaling" in last
   result = _train_cli(tmp_path, "--config=configs/nope.py")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "error: --config does not load ([Errno 2] No such file" in result.stderr

@@ -114,7 +114,7 @@ class Checkpointer:
       raise ValueError(
         f"No checkpoint in {self.directory} restores: steps {set_aside} were moved to "
         f"{self.directory.parent / 'checkpoints_corrupt'}. Rerun to train this --workdir from "
-        "step 0, or use a new --workdir."
+        "step 0 (its metrics start over too), or use a new --workdir."
       )
     return restored
 
@@ -155,11 +155,13 @@ class Checkpointer:
           for k, v in saved.get("optimizer", {}).items()
           if k in optimizer and v != optimizer[k]
         ]
+        shown = entries[:1] + [e for e in entries if e.startswith("config only")][:1]
         raise CheckpointMismatchError(
           f"The checkpoint in {self.directory} (step {step}) holds a training state with other "
-          f"entries than this config's ({'; '.join(changed or entries[:3])}); resume with the "
-          f"run's settings ({self.directory.parent / 'config.json'}), or start a new --workdir "
-          f"with --config.init_from={self.directory.parent}."
+          f"entries than this config's ({'; '.join(dict.fromkeys(shown)) or 'seen on another host'}"
+          f"; changed: {', '.join(changed) or 'no optimizer setting'}); resume with the run's "
+          f"settings ({self.directory.parent / 'config.json'}), or start a new --workdir with "
+          f"--config.init_from={self.directory.parent}."
         )
       restored = None
       try:
@@ -285,13 +287,12 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
     )
     raise FileNotFoundError(f"{config_path} does not exist; {hint}.")
   try:
-    model_dict = json.loads(config_path.read_text())["model"]
+    mcfg = ModelConfig(**json.loads(config_path.read_text())["model"])
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(
       f"{config_path} is not a run's config ({type(e).__name__}: {e}); copy it back from the "
       f"one each checkpoint holds ({run_dir / 'checkpoints' / 'STEP' / 'config' / 'metadata'})."
     ) from None
-  mcfg = ModelConfig(**model_dict)
   absl_log = logging.getLogger("absl")
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)  # Orbax warns that a read-only directory is read-only.

@@ -26,7 +26,7 @@ from trainer.checkpoint import Checkpointer, absolute
 from trainer.checks import check_batch_fits_mesh, validate
 from trainer.mesh import create_mesh, mesh_context
 from trainer.metrics import create_writers, read_jsonl, truncate_events, truncate_jsonl
-from trainer.watchdog import Preemption, Watchdog
+from trainer.watchdog import Preemption, SavedInterrupt, Watchdog
 
 
 class TrainingError(RuntimeError):
@@ -113,18 +113,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       )
       ckpt.close()
       return {}
-    if lead:  # Steps logged after this checkpoint are trained again: their records go.
-      dropped = truncate_jsonl(str(workdir / "metrics.jsonl"), start_step)
-      if dropped:
-        logging.info("Dropped %d metrics.jsonl records after step %d.", dropped, start_step)
-      dropped = truncate_events(str(workdir), start_step)
-      if dropped:
-        logging.info("Dropped %d TensorBoard events after step %d.", dropped, start_step)
   else:
     state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
     start_step = 0
     if config.init_from:
       state = _init_from(config.init_from, mcfg, state, tx, shardings)
+  if lead:  # Steps logged after the restored one (all, from scratch) are trained again.
+    dropped = truncate_jsonl(str(workdir / "metrics.jsonl"), start_step)
+    if dropped:
+      logging.info("Dropped %d metrics.jsonl records after step %d.", dropped, start_step)
+    dropped = truncate_events(str(workdir), start_step)
+    if dropped:
+      logging.info("Dropped %d TensorBoard events after step %d.", dropped, start_step)
 
   config_dict = json.loads(config.to_json_best_effort())
   if lead:
@@ -245,7 +245,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         if sampler and (step % config.sample_every == 0 or step == config.steps):
           sampler(step, state.params)
       paused += time.perf_counter() - pause_start
-      if step != config.steps:
+      if step != config.steps and not preempted:
         batch = next(batches)
       if preempted:
         ckpt.wait()
@@ -257,7 +257,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
           ckpt.directory,
         )
         if preemption.cause == "Ctrl-C":
-          raise KeyboardInterrupt
+          raise SavedInterrupt
         break
   finally:
     preemption.close()

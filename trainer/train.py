@@ -19,6 +19,7 @@ def main(argv):
   tpu_flags.init_args()
   distributed.maybe_initialize()
   from trainer.loop import TrainingError, train_and_evaluate  # noqa: PLC0415
+  from trainer.watchdog import SavedInterrupt  # noqa: PLC0415
 
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax and CLU are chatty at INFO.
@@ -30,8 +31,9 @@ def main(argv):
     if os.environ.get("LLAMA_TRACEBACK"):
       raise
     sys.exit(f"error: {e}")
-  except KeyboardInterrupt:
-    print("Interrupted; rerun the same command to resume from the newest checkpoint.")
+  except KeyboardInterrupt as e:
+    if not isinstance(e, SavedInterrupt):  # That one said what it saved.
+      print("Interrupted; rerun the same command to resume from the newest checkpoint.")
     sys.exit(130)
 
 

@@ -50,6 +50,10 @@ class Watchdog:
     self._stop.set()
 
 
+class SavedInterrupt(KeyboardInterrupt):
+  """A Ctrl-C after which the run saved its state (and said so)."""
+
+
 class Preemption:
   """Turns SIGTERM into 'save at the next step boundary', agreed on by every host; in a
   single-process run also the first Ctrl-C (SIGINT), while a second one stops at once."""
@@ -71,7 +75,7 @@ class Preemption:
     self.cause = "Ctrl-C"
     self._flag.set()
     print(
-      "Interrupted: saving at the end of this step (Ctrl-C again stops without saving).",
+      "Interrupted: saving at the end of this step (Ctrl-C again stops sooner, without it).",
       file=sys.stderr,
       flush=True,
     )
