@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 import jax
@@ -97,3 +98,10 @@ def gather_json(value: object) -> list:
   padded[: payload.size] = payload
   everyone = np.asarray(multihost_utils.process_allgather(padded))
   return [json.loads(bytes(everyone[i, : sizes[i]])) for i in range(len(sizes))]
+
+
+def ignore_sigint(worker_index: int = 0, worker_count: int = 0) -> None:
+  """grain worker start-up: a terminal's Ctrl-C reaches every process of the group, and the
+  trainer, not its data workers, decides what it does (save, then stop them)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from data.batching import assemble, host_rows, on_every_host, rows_to_example
+from data.batching import assemble, host_rows, ignore_sigint, on_every_host, rows_to_example
 from data.sources import clean_text, expand_input, iter_file_documents, open_hf, open_tfds
 from data.tokenizers import Tokenizer, load_tokenizer
 
@@ -204,7 +204,8 @@ class StreamingPipeline:
   def _batches(self, spec: str, *, train: bool) -> grain.IterDataset:
     ds = self._documents(spec, train=train).map(_Tokenize(self._tok_spec))
     if train and self.num_workers > 0 and self.source != "text":
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+      options = grain.MultiprocessingOptions(num_workers=self.num_workers)
+      ds = ds.mp_prefetch(options, worker_init_fn=ignore_sigint)
     row = {"tokens": self.seq_len + 1}
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=row)
     return ds.batch(len(self.local_rows), drop_remainder=True).map(_to_example)

@@ -1,6 +1,9 @@
 """The prepared-data loader: (seed, step) fixes each batch; hosts read disjoint rows; resume."""
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -148,6 +151,16 @@ def test_worker_processes_give_the_same_batches(prepared):
   for _ in range(3):
     a, b = next(plain), next(workers)
     np.testing.assert_array_equal(np.asarray(a["inputs"]), np.asarray(b["inputs"]))
+  # A terminal's Ctrl-C reaches the workers too; they leave it to the trainer (which saves).
+  tasks = Path(f"/proc/{os.getpid()}/task").iterdir()
+  children = [pid for t in tasks for pid in (t / "children").read_text().split()]
+  ignored = [
+    int(line.split()[1], 16) & (1 << (signal.SIGINT - 1))
+    for pid in children
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    if line.startswith("SigIgn:")
+  ]
+  assert ignored and all(ignored), children
   workers.close()
 
 

@@ -262,6 +262,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   finally:
     preemption.close()
     watchdog.stop()
+    batches.close()  # Stops data workers and frees their shared memory now, not at exit.
     ckpt.close()
     writer.close()
   return last
