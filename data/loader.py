@@ -147,12 +147,11 @@ class PreparedPipeline:
     self._train = rows_dataset(path, self.meta, "train").shuffle(_shuffle_seed(seed)).repeat()
     self._eval_path = eval_path or path
     self._origin = (0, 0)  # Step 0 starts at sample 0; moved when a resume changes the batch.
-    self._saved: dict[str, Any] | None = None
-    self._started = False
+    self._saved: dict[str, Any] | None = None  # Restored; train_batches applies it.
 
   def state(self) -> dict[str, Any]:
     """Where the steps sit in the sample stream: the (step, sample) origin and the batch."""
-    if self._saved is not None and not self._started:  # Restored, not yet applied.
+    if self._saved is not None:  # Restored, not yet applied.
       return dict(self._saved)
     return {"origin": list(self._origin), "global_batch": self.global_batch}
 
@@ -179,10 +178,10 @@ class PreparedPipeline:
 
   def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     """Global batches of steps start_step, start_step + 1, ... (forever)."""
-    self._started = True
     if self._saved is not None:
       (step, sample), batch = self._saved["origin"], int(self._saved["global_batch"])
       self._origin = (start_step, int(sample) + (start_step - int(step)) * batch)
+      self._saved = None
       if batch != self.global_batch:
         print(
           f"global_batch_size changed from {batch} to {self.global_batch}: step {start_step} "
