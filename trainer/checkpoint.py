@@ -251,21 +251,30 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _log_level(name: str, level: int) -> Iterator[None]:
+  """Logger `name` at `level` inside the block, at its own level again after it."""
+  logger = logging.getLogger(name)
+  before = logger.level
+  logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(before)
+
+
+@contextlib.contextmanager
 def _quiet_unraisable() -> Iterator[None]:
   """Drops the 'Exception ignored in: <coroutine ...>' reports that a failed Orbax read leaves
   for the garbage collector (each with a full TensorStore spec); the failure itself is logged."""
   hook = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
   # Orbax's reads run as asyncio tasks; a failed one is also logged as never retrieved.
-  asyncio_log = logging.getLogger("asyncio")
-  level = asyncio_log.level
-  asyncio_log.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    gc.collect()
-    sys.unraisablehook = hook
-    asyncio_log.setLevel(level)
+  with _log_level("asyncio", logging.CRITICAL):
+    try:
+      yield
+    finally:
+      gc.collect()
+      sys.unraisablehook = hook
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any]:
@@ -293,17 +302,12 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
       f"{config_path} is not a run's config ({type(e).__name__}: {e}); copy it back from the "
       f"one each checkpoint holds ({run_dir / 'checkpoints' / 'STEP' / 'config' / 'metadata'})."
     ) from None
-  absl_log = logging.getLogger("absl")
-  level = absl_log.level
-  absl_log.setLevel(logging.ERROR)  # Orbax warns that a read-only directory is read-only.
-  try:
+  with _log_level("absl", logging.ERROR):  # Orbax warns that a read-only directory is so.
     manager = ocp.CheckpointManager(
       run_dir / "checkpoints",
       item_names=("state", "data", "config"),
       options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
     )
-  finally:
-    absl_log.setLevel(level)
   steps = sorted(manager.all_steps())
   if not steps:
     manager.close()

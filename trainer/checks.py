@@ -94,7 +94,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       e = e.args[0]
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     message = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
-    if re.search(r"has no attribute 'get_config'", message):
+    if "has no attribute 'get_config'" in message:
       sys.exit(
         "error: the --config file has no get_config(); define one that returns an "
         "ml_collections.ConfigDict, as configs/*.py do."
