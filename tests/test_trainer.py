@@ -210,12 +210,12 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
   assert [e.step for e in loss] == [2, 4, 6]  # Not 2, 4, 6, 4, 6.
 
 
-def _train_cli(tmp_path, *flags):
+def _train_cli(tmp_path, *flags, config="configs/tiny.py"):
   cmd = [
     sys.executable,
     "-m",
     "trainer.train",
-    "--config=configs/tiny.py",
+    f"--config={config}",
     f"--workdir={tmp_path}",
     *flags,
   ]
@@ -244,8 +244,7 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
     ("none.py", "X = 1\n", "the --config file has no get_config(); define one"),
   ):
     (tmp_path / name).write_text(code)
-    cmd = [sys.executable, "-m", "trainer.train", f"--config={tmp_path / name}", "--workdir=w"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = _train_cli(tmp_path / "run", config=tmp_path / name)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert message in result.stderr.strip().splitlines()[-1]
 
