@@ -284,7 +284,8 @@ def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(
   config, params = load_hf(src)
   save_params_dir(config, params, str(tmp_path / "params"))
   export = ["export", f"--checkpoint={tmp_path / 'params'}"]
-  before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+  contents = lambda: {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+  before = contents()
   assert "generation_config.json" in before
   (tmp_path / "afile").write_text("precious")
   for out, message in (
@@ -294,12 +295,12 @@ def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(
     with pytest.raises(SystemExit) as e:
       main([*export, f"--output={out}"])
     assert str(e.value.code).startswith(f"error: {out} ") and message in str(e.value.code)
-  assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+  assert contents() == before
   assert (tmp_path / "afile").read_text() == "precious"
   # --overwrite with a bad --checkpoint still loses nothing.
   with pytest.raises(SystemExit):
     main(["export", "--checkpoint=/nonexistent/run", f"--output={src}", "--overwrite"])
-  assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+  assert contents() == before
 
   # ... and so does a write that fails halfway (a full disk): the new files are staged aside.
   def half_written(config, params, out_dir, **kw):
@@ -311,7 +312,7 @@ def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(
     m.setattr("model.convert.save_hf", half_written)
     with pytest.raises(SystemExit, match="No space left"):
       main([*export, f"--output={src}", "--overwrite"])
-  assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+  assert contents() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hf", "params"]  # No staging.
   # A training run's or a params dir is never an export target, --overwrite or not.
   with pytest.raises(SystemExit, match="params holds a params dir; export to a directory of"):
