@@ -55,25 +55,30 @@ class SavedInterrupt(KeyboardInterrupt):
 
 
 class Preemption:
-  """Turns SIGTERM into 'save at the next step boundary', agreed on by every host; in a
-  single-process run also the first Ctrl-C (SIGINT), while a second one stops at once."""
+  """Turns SIGTERM, and the first Ctrl-C (SIGINT), into 'save at the next step boundary', agreed
+  on by every host; a second Ctrl-C stops at once."""
 
   def __init__(self):
     self._flag = threading.Event()
     self.cause = "SIGTERM"
     self._multihost = jax.process_count() > 1
     self._previous: dict[int, Any] = {}
-    if not self._multihost and threading.current_thread() is threading.main_thread():
-      # With several hosts, JAX's coordination service owns SIGTERM and syncs the step; a
-      # Ctrl-C there reaches the hosts at different steps, so it stops as usual.
+    if threading.current_thread() is not threading.main_thread():
+      return
+    if not self._multihost:
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+    # With several hosts, JAX's coordination service owns SIGTERM and agrees on the step to stop
+    # at, so a Ctrl-C (which reaches the hosts at different steps) is passed on to it as one.
+    self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
 
   def _on_sigint(self, *_: Any) -> None:
-    if self._flag.is_set():
+    if self.cause == "Ctrl-C" or self._flag.is_set():
       raise KeyboardInterrupt
     self.cause = "Ctrl-C"
-    self._flag.set()
+    if self._multihost:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self._flag.set()
     print(
       "Interrupted: saving at the end of this step (Ctrl-C again stops sooner, without it).",
       file=sys.stderr,
