@@ -341,6 +341,17 @@ def open_tfds(spec: str, data_dir: str = "") -> Any:
       f"(tfds.list_builders())."
     ) from e
   except Exception as e:
+    builder, _, config = name.partition("/")
+    config = config.split(":")[0]  # 'c4/en:3.1.0' carries a version.
+    try:
+      configs = [c.name for c in tfds.builder_cls(builder).BUILDER_CONFIGS]
+    except Exception:  # Community or unusual builders: the generic message below.
+      configs = []
+    if config and configs and config not in configs:
+      raise FileNotFoundError(
+        f"tfds dataset {builder!r} has no config {config!r}; use one of "
+        f"{', '.join(configs)} (tfds:{builder}/CONFIG:SPLIT)."
+      ) from e
     raise FileNotFoundError(
       f"TFDS dataset {name}:{split} could not be opened from data_dir={data_dir or 'default'!r} "
       f"({type(e).__name__}: {e}); build it first (tfds build {name} --file_format=array_record)."

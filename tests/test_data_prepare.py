@@ -134,6 +134,8 @@ def test_unknown_tfds_dataset_is_one_line(tmp_path):
   )
   with pytest.raises(FileNotFoundError, match=r"^tfds dataset 'lmb1' is not .*did you mean lm1b\?"):
     prepare("tfds:lmb1/en:train", out, seq_len=8, num_workers=0)
+  with pytest.raises(FileNotFoundError, match=r"^tfds dataset 'c4' has no config 'zzz'; use one "):
+    prepare("tfds:c4/zzz:train", out, seq_len=8, num_workers=0)
   assert not os.path.exists(out)
 
 
