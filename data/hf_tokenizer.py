@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 
+from data.tiktoken_fast import bytes_to_unicode
 from data.tokenizers import (
   LLAMA3_PATTERN,
   TRAINED_SPECIALS,
   ByteTokenizer,
   TiktokenTokenizer,
   Tokenizer,
-  bytes_to_unicode,
 )
 
 

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from data.tiktoken_fast import encode_ordinary
 from data.tokenizers import (
   LLAMA3_PATTERN,
   ByteTokenizer,
@@ -97,6 +98,28 @@ def test_tiktoken_round_trip(tmp_path):
     assert tok.decode(ids) == text
   long_run = "x" * 30_000 + " " + "y" * 5  # Longer than tiktoken's safe run; split, not lost.
   assert tok.decode(tok.encode(long_run)) == long_run
+
+
+def test_huge_texts_reach_tiktoken_in_pieces():
+  """Both tiktoken paths (tokenizer.model, a tokenizer.json's twin) cap what tiktoken sees at
+  once: 400,000 characters, and no run of whitespace or non-whitespace over 25,000."""
+
+  class Recorder:
+    def __init__(self):
+      self.pieces = []
+
+    def encode_ordinary(self, text):
+      self.pieces.append(text)
+      return [len(text)]
+
+  enc = Recorder()
+  text = "a" * 60_000 + " " * 3 + "b c " * 150_000
+  assert encode_ordinary(enc, text) == [len(p) for p in enc.pieces]
+  assert "".join(enc.pieces) == text
+  # The run of 60,000 "a" is cut twice; the rest is cut at 400,000 characters.
+  assert [len(p) for p in enc.pieces] == [25_000, 25_000, 350_000, 260_003]
+  enc.pieces.clear()
+  assert encode_ordinary(enc, "short text") == [10] and enc.pieces == ["short text"]
 
 
 def test_tiktoken_llama3_special_ids(tmp_path):

@@ -350,7 +350,7 @@ def test_cli_import_checks_the_output_before_reading_weights(tmp_path, monkeypat
 
 def _tiktoken_file(bpe_json: str, path: str) -> str:
   """A tiktoken tokenizer.model with the byte-level BPE's tokens in its id order after the bytes."""
-  from data.tokenizers import bytes_to_unicode
+  from data.tiktoken_fast import bytes_to_unicode
 
   to_byte = bytes_to_unicode()
   vocab = json.loads(open(bpe_json).read())["model"]["vocab"]
