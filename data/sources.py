@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import glob
 import gzip
 import json
@@ -14,6 +13,8 @@ import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from data.catalog import open_hf, open_tfds
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # Bytes read; documents with invalid UTF-8 (replaced), empty documents, JSON lines that do not
@@ -313,70 +314,6 @@ class FileSource(Source):
           rest = block
     if rest.strip():
       yield Chunk("jsonl", rest, path, self.text_field)
-
-
-def parse_tfds(spec: str) -> tuple[str, str]:
-  """'tfds:c4/en:train' or 'c4/en:train' -> ('c4/en', 'train'); the split defaults to train."""
-  spec = spec.removeprefix("tfds:")
-  name, _, split = spec.rpartition(":")
-  return (name, split) if name else (spec, "train")
-
-
-def open_tfds(spec: str, data_dir: str = "") -> Any:
-  """A random-access TFDS data source (ArrayRecord-backed; `data_dir` may be gs://...)."""
-  import tensorflow_datasets as tfds
-
-  name, split = parse_tfds(spec)
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-  except tfds.core.DatasetNotFoundError as e:
-    # Its message lists every registered dataset (hundreds of lines): name a few close ones.
-    builder = name.split("/")[0]
-    known = set(tfds.list_builders(with_community_datasets=False))  # It may repeat a name.
-    close = difflib.get_close_matches(builder, sorted(known))
-    hint = f"did you mean {' or '.join(close)}?" if close else "no registered name is close"
-    where = f" nor found in data_dir={data_dir!r}" if data_dir else ""
-    raise FileNotFoundError(
-      f"tfds dataset {builder!r} is not registered{where} ({hint}); check the name "
-      f"(tfds.list_builders())."
-    ) from e
-  except Exception as e:
-    builder, _, config = name.partition("/")
-    config = config.split(":")[0]  # 'c4/en:3.1.0' carries a version.
-    try:
-      configs = [c.name for c in tfds.builder_cls(builder).BUILDER_CONFIGS]
-    except Exception:  # Community or unusual builders: the generic message below.
-      configs = []
-    if config and configs and config not in configs:
-      raise FileNotFoundError(
-        f"tfds dataset {builder!r} has no config {config!r}; use one of "
-        f"{', '.join(configs)} (tfds:{builder}/CONFIG:SPLIT)."
-      ) from e
-    raise FileNotFoundError(
-      f"TFDS dataset {name}:{split} could not be opened from data_dir={data_dir or 'default'!r} "
-      f"({type(e).__name__}: {e}); build it first (tfds build {name} --file_format=array_record)."
-    ) from e
-
-
-def open_hf(spec: str) -> Any:
-  """A random-access HF dataset: 'hf:NAME[:CONFIG]:SPLIT' from the local cache, or a saved dir."""
-  os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # Run time never touches the network.
-  try:
-    import datasets
-  except ImportError as e:
-    raise ImportError("HF datasets need the optional extra: pip install -e '.[hf]'.") from e
-  rest = spec.removeprefix("hf:")
-  head, _, split = rest.rpartition(":")
-  if os.path.isdir(rest) or os.path.isdir(head):
-    ds = datasets.load_from_disk(rest if os.path.isdir(rest) else head)
-    if isinstance(ds, datasets.DatasetDict):
-      ds = ds[split if os.path.isdir(head) else "train"]
-    return ds
-  parts = rest.split(":")
-  if len(parts) > 3:
-    raise ValueError(f"{spec!r} is not 'hf:NAME[:CONFIG]:SPLIT'.")
-  name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
-  return datasets.load_dataset(name, config, split=split if len(parts) > 1 else "train")
 
 
 class RandomAccessSource(Source):

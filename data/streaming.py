@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from data.batching import assemble, host_rows, ignore_sigint, on_every_host, rows_to_example
-from data.sources import clean_text, expand_input, iter_file_documents, open_hf, open_tfds
+from data.catalog import open_hf, open_tfds
+from data.sources import clean_text, expand_input, iter_file_documents
 from data.tokenizers import Tokenizer, load_tokenizer
 
 
