@@ -113,7 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # TFDS data_dir (may be gs://...).
   c.data.cache_dir = ""  # Where on-the-fly preparation goes ('' : ~/.cache/llama3_jax).
   c.data.allow_new_data = False  # Resume even if the data fingerprint changed.
-  c.data.num_workers = 0  # grain worker processes per host (0: read in the main process).
+  # grain worker processes per host (0: read in the main process; data.source=text always is).
+  c.data.num_workers = 0
   c.data.prefetch = 2  # Batches prefetched per host.
 
   c.model = model_config()

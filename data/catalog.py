@@ -8,10 +8,15 @@ from typing import Any
 
 
 def parse_tfds(spec: str) -> tuple[str, str]:
-  """'tfds:c4/en:train' or 'c4/en:train' -> ('c4/en', 'train'); the split defaults to train."""
+  """'tfds:c4/en:train' or 'c4/en:train[:90%]' -> ('c4/en', 'train...'); the split defaults to
+  train. The name may carry a version ('c4/en:3.1.0'); a split's slice may hold colons."""
   spec = spec.removeprefix("tfds:")
-  name, _, split = spec.rpartition(":")
-  return (name, split) if name else (spec, "train")
+  depth, cut = 0, -1
+  for i, ch in enumerate(spec):
+    depth += (ch == "[") - (ch == "]")
+    if ch == ":" and depth == 0:
+      cut = i
+  return (spec[:cut], spec[cut + 1 :]) if cut > 0 else (spec, "train")
 
 
 def open_tfds(spec: str, data_dir: str = "") -> Any:
@@ -60,12 +65,38 @@ def open_hf(spec: str) -> Any:
   rest = spec.removeprefix("hf:")
   head, _, split = rest.rpartition(":")
   if os.path.isdir(rest) or os.path.isdir(head):
-    ds = datasets.load_from_disk(rest if os.path.isdir(rest) else head)
+    directory, split = (rest, "") if os.path.isdir(rest) else (head, split)
+    ds = datasets.load_from_disk(directory)
     if isinstance(ds, datasets.DatasetDict):
-      ds = ds[split if os.path.isdir(head) else "train"]
+      split = split or "train"
+      if split not in ds:
+        raise ValueError(
+          f"{directory} holds the splits {', '.join(ds)}, not {split!r}; name one "
+          f"(hf:{directory}:SPLIT)."
+        )
+      return ds[split]
+    if split:
+      raise ValueError(
+        f"{directory} is one saved Dataset without splits, so ':{split}' names nothing; use "
+        f"hf:{directory}."
+      )
     return ds
   parts = rest.split(":")
   if len(parts) > 3:
     raise ValueError(f"{spec!r} is not 'hf:NAME[:CONFIG]:SPLIT'.")
   name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
   return datasets.load_dataset(name, config, split=split if len(parts) > 1 else "train")
+
+
+def with_split(spec: str, split: str) -> str:
+  """The `tfds:` or `hf:` dataset `spec` with `split` in place of its own (or of the default)."""
+  if spec.startswith("tfds:"):
+    return f"tfds:{parse_tfds(spec)[0]}:{split}"
+  rest = spec.removeprefix("hf:")
+  head = rest.rpartition(":")[0]
+  if os.path.isdir(rest):
+    return f"hf:{rest}:{split}"
+  if os.path.isdir(head):
+    return f"hf:{head}:{split}"
+  parts = rest.split(":")  # NAME, NAME:SPLIT or NAME:CONFIG:SPLIT.
+  return f"hf:{':'.join(parts[:-1] if len(parts) > 1 else parts)}:{split}"

@@ -17,6 +17,7 @@ from typing import Any
 from data.catalog import open_hf, open_tfds
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"
 # Bytes read; documents with invalid UTF-8 (replaced), empty documents, JSON lines that do not
 # parse or whose text is not a string, JSON lines without the text field, binary files skipped.
 STAT_KEYS = (
@@ -70,7 +71,7 @@ def read_text_file(path: str) -> bytes | None:
 
 def _is_json_array(path: str) -> bool:
   with _gzip_errors(path), _open_bytes(path) as f:
-    head = f.read(4096).lstrip()
+    head = f.read(4096).removeprefix(_BOM).lstrip()
   return head.startswith(b"[")
 
 
@@ -85,14 +86,17 @@ def _json_array_lines(path: str) -> list[bytes]:
 
 
 def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
-  """(text, had_invalid_utf8): bytes decode with replacement; lone surrogates are replaced."""
+  """(text, had_invalid_utf8): bytes decode with replacement; lone surrogates are replaced; a
+  leading byte-order mark (which Windows tools write) is dropped."""
   if raw is None:
     return "", False
   if isinstance(raw, bytes):
+    raw = raw.removeprefix(_BOM)
     try:
       return raw.decode("utf-8"), False
     except UnicodeDecodeError:
       return raw.decode("utf-8", "replace"), True
+  raw = raw.removeprefix("\ufeff")
   try:
     raw.encode("utf-8")
     return raw, False
@@ -225,19 +229,28 @@ def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
 def expand_input(pattern: str, flag: str = "--input") -> list[str]:
   """Sorted files matching a glob (or several, comma-separated); a dir means every file in it.
 
-  `flag` is the setting to name when nothing matches.
+  An existing path is taken as it is, even with glob characters or commas in its name. A file
+  reached twice (through symlinks) is read once. `flag` is the setting to name when nothing
+  matches.
   """
+  expanded = os.path.expanduser(pattern)
+  parts = [expanded] if os.path.exists(expanded) else pattern.split(",")
   paths: set[str] = set()
-  for part in (p.strip() for p in pattern.split(",") if p.strip()):
-    part = os.path.expanduser(part)
-    if os.path.isdir(part):
+  for part in (os.path.expanduser(p.strip()) for p in parts if p.strip()):
+    is_dir = os.path.isdir(part)
+    if os.path.exists(part):
+      part = glob.escape(part)
+    if is_dir:
       part = os.path.join(part, "**", "*")
     paths.update(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
   if not paths:
     raise FileNotFoundError(
       f"{flag}={pattern!r} matches no files; check the path (quote globs so the shell keeps them)."
     )
-  return sorted(paths)
+  unique: dict[str, str] = {}
+  for p in sorted(paths):
+    unique.setdefault(os.path.realpath(p), p)
+  return sorted(unique.values())
 
 
 class Source:
@@ -330,10 +343,11 @@ class RandomAccessSource(Source):
     step = max(1, chunk_bytes // 2048)  # Examples per chunk; web documents are ~2 KB.
     for start in range(0, len(self.data), step):
       rows = [self.data[i] for i in range(start, min(start + step, len(self.data)))]
-      yield Chunk("texts", [_field(r, self.text_field, self.name) for r in rows], self.name)
+      yield Chunk("texts", [example_field(r, self.text_field, self.name) for r in rows], self.name)
 
 
-def _field(example: Any, field: str, name: str) -> Any:
+def example_field(example: Any, field: str, name: str) -> Any:
+  """`example[field]`, or one error naming the fields `name`'s examples do have."""
   if field not in example:
     have = list(example)
     raise ValueError(f"{name} examples have no field {field!r} (have {have}); set text_field.")

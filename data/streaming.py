@@ -21,8 +21,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from data.batching import assemble, host_rows, ignore_sigint, on_every_host, rows_to_example
-from data.catalog import open_hf, open_tfds
-from data.sources import clean_text, expand_input, iter_file_documents
+from data.catalog import open_hf, open_tfds, with_split
+from data.sources import clean_text, example_field, expand_input, iter_file_documents
 from data.tokenizers import Tokenizer, load_tokenizer
 
 
@@ -180,6 +180,8 @@ class StreamingPipeline:
     self.sharding, self.eval_steps = sharding, eval_steps
     self.text_field, self.data_dir = text_field, data_dir
     self.num_workers, self.prefetch = num_workers, prefetch
+    # Worker processes change the shape of grain's saved state; text files are read in-process.
+    self._workers = num_workers if source != "text" else 0
     self.local_rows = host_rows(sharding, global_batch, seq_len)
     self.shard, self.num_shards = host_shard(sharding, global_batch, seq_len)
     self.fingerprint = f"{source}:{path}:{self.tokenizer.fingerprint}:{seq_len}"
@@ -196,6 +198,9 @@ class StreamingPipeline:
       files = expand_input(spec, "data.path" if spec == self.path else "data.eval_path")
       return FileDocuments(files, self.text_field, self.shard, self.num_shards, seed, repeat=train)
     data = open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec)
+    if len(data) == 0:
+      raise ValueError(f"{spec!r} is empty; pick another split or dataset.")
+    example_field(data[0], self.text_field, spec)  # A wrong data.text_field fails here, once.
     ds = grain.MapDataset.source(data)[self.shard :: self.num_shards]
     if train:
       ds = ds.shuffle(int(seed) % 2**32).repeat()
@@ -204,8 +209,8 @@ class StreamingPipeline:
 
   def _batches(self, spec: str, *, train: bool) -> grain.IterDataset:
     ds = self._documents(spec, train=train).map(_Tokenize(self._tok_spec))
-    if train and self.num_workers > 0 and self.source != "text":
-      options = grain.MultiprocessingOptions(num_workers=self.num_workers)
+    if train and self._workers:
+      options = grain.MultiprocessingOptions(num_workers=self._workers)
       ds = ds.mp_prefetch(options, worker_init_fn=ignore_sigint)
     row = {"tokens": self.seq_len + 1}
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=row)
@@ -221,13 +226,16 @@ class StreamingPipeline:
       "shard": self.shard,
       "num_shards": self.num_shards,
       "rows": len(self.local_rows),
+      "workers": self._workers,
       "iterator": _to_json(it),
     }
 
   def restore(self, positions: list[dict[str, Any]]) -> None:
     """Continue from the positions every process saved (`state()`, in process order), in this
     or the next `train_batches` iterator: this host takes its own shard's."""
-    state = own_position(positions, self.shard, self.num_shards, len(self.local_rows))
+    state = own_position(
+      positions, self.shard, self.num_shards, len(self.local_rows), self._workers
+    )
     self._pending_state = _from_json(state) if state else None
     if self._it is not None and self._pending_state:
       self._it.set_state(self._pending_state)
@@ -251,13 +259,17 @@ class StreamingPipeline:
     )
 
   def check_eval(self) -> None:
-    """Raises now, not at the first evaluation, when there is no held-out data to evaluate on."""
-    spec = self._eval_spec()
-    if self.source == "text":
-      expand_input(spec, "data.eval_path")
+    """Raises now, not at the first evaluation, when the held-out data is missing or holds
+    fewer than `eval_steps` batches (it reads them once)."""
+    for _ in self._eval_examples():
+      pass
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """`eval_steps` batches from the start of the held-out data (the same every call)."""
+    for examples in self._eval_examples():
+      yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)
+
+  def _eval_examples(self) -> Iterator[dict[str, np.ndarray]]:
     spec = self._eval_spec()
     it = iter(self._batches(spec, train=False))
     for _ in range(self.eval_steps):
@@ -269,7 +281,7 @@ class StreamingPipeline:
           f"host's shard ({self.num_shards} shards); lower eval_steps or give data.eval_path "
           f"more data."
         )
-      yield assemble(self.sharding, self.global_batch, self.seq_len, self.local_rows, examples)
+      yield examples
 
   def _eval_spec(self) -> str:
     if self.eval_path:
@@ -280,10 +292,9 @@ class StreamingPipeline:
         "set it or set eval_every=0."
       )
     # A dataset's held-out split: the same name with the split replaced.
-    name = self.path.rpartition(":")[0] or self.path
     for split in ("validation", "test"):
       try:
-        spec = f"{name}:{split}"
+        spec = with_split(f"{self.source}:{self.path.removeprefix(self.source + ':')}", split)
         (open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec))
         return spec
       except (FileNotFoundError, ValueError, KeyError):
@@ -292,7 +303,7 @@ class StreamingPipeline:
 
 
 def own_position(
-  positions: list[dict[str, Any]], shard: int, num_shards: int, rows: int
+  positions: list[dict[str, Any]], shard: int, num_shards: int, rows: int, workers: int = 0
 ) -> dict[str, Any]:
   """The grain state of host shard `shard` among every process's saved `state()`.
 
@@ -311,8 +322,15 @@ def own_position(
       raise ValueError(
         f"This run's stream position was saved with each batch read as {was}, and each shard "
         f"has its own place in the stream; this run reads {num_shards} host shard(s) of {rows} "
-        "rows each. Resume with the same hosts and mesh axes across them, or prepare the data "
-        "with data.prepare to change them."
+        "rows each. Resume with the same global_batch_size, hosts and mesh axes across them, or "
+        "prepare the data with data.prepare to change them."
+      )
+    saved_workers = sorted({p.get("workers", workers) for p in saved})
+    if saved_workers != [workers]:
+      raise ValueError(
+        f"This run's stream position was saved with data.num_workers={saved_workers[0]}, and "
+        "grain keeps a position in another form with worker processes than without; resume "
+        f"with --config.data.num_workers={saved_workers[0]}."
       )
     mine = [p["iterator"] for p in saved if p["shard"] == shard]
     if not mine:

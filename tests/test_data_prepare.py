@@ -246,6 +246,28 @@ def test_json_gz_binary_and_odd_lines(tmp_path):
   assert not os.path.exists(tmp_path / "o4")
 
 
+def test_byte_order_marks_odd_paths_and_symlinks(tmp_path):
+  """Files saved with a UTF-8 BOM (Windows tools) read like any other; a directory with glob
+  characters in its name is taken literally; a file reached twice through a symlink counts once."""
+  from data.sources import expand_input
+
+  d = tmp_path / "corpus[2024]"
+  (d / "sub").mkdir(parents=True)
+  bom = b"\xef\xbb\xbf"
+  (d / "a.jsonl").write_bytes(bom + b'{"text": "first line"}\n{"text": "second line"}\n')
+  (d / "b.json").write_bytes(bom + json.dumps([{"text": "in an array"}]).encode())
+  (d / "c.txt").write_bytes(bom + b"a text file")
+  os.symlink(d / "c.txt", d / "sub" / "again.txt")
+  assert expand_input(str(d)) == [str(d / f) for f in ("a.jsonl", "b.json", "c.txt")]
+  out = str(tmp_path / "out")
+  meta = prepare(str(d), out, seq_len=16, num_workers=0, eval_fraction=0)
+  assert (meta["num_documents"], meta["num_bad_lines"]) == (4, 0)
+  tok = load_tokenizer(out)
+  assert sorted(tok.decode(x) for x in _documents(out, "train")) == [
+    "a text file", "first line", "in an array", "second line",
+  ]  # fmt: skip
+
+
 def test_bad_arguments_fail_before_any_work(tmp_path):
   (tmp_path / "ok.txt").write_text("hello")
   (tmp_path / "afile").write_text("precious")

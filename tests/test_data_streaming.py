@@ -102,6 +102,11 @@ def test_each_host_resumes_its_own_shards_position():
       own_position([pos(0), pos(1)], shard, num_shards, rows)
   with pytest.raises(ValueError, match="have none for host shard 1 of 2; .* incomplete"):
     own_position([pos(0), pos(0)], 1, 2, 4)
+  # grain's state has another form with worker processes: a change is an error, not a crash.
+  with_workers = [{**pos(0), "workers": 2}, {**pos(1), "workers": 2}]
+  assert own_position(with_workers, 1, 2, 4, workers=2) == {"at": 1}
+  with pytest.raises(ValueError, match="with data.num_workers=2, .*--config.data.num_workers=2"):
+    own_position(with_workers, 1, 2, 4, workers=0)
   # Prepared data's position (a switch to streaming with allow_new_data): nothing to resume.
   assert own_position([{"origin": [4, 32], "global_batch": 8}], 0, 1, 8) == {}
   # Saved before positions named their shard: one per process (this test is one process).
@@ -140,6 +145,53 @@ def test_tfds_stream(tmp_path):
     np.testing.assert_array_equal(evals[0][1], evals[1][1])
 
 
+def test_hf_saved_dirs_splits_and_their_eval_split(tmp_path, monkeypatch):
+  """`hf:DIR[:SPLIT]` of a saved DatasetDict or Dataset (a stand-in for the optional extra)."""
+  import sys
+  import types
+
+  from data.catalog import open_hf, with_split
+
+  class DatasetDict(dict):
+    pass
+
+  def rows(name, n=40):
+    return [{"text": f"{name} document {i} " * 3} for i in range(n)]
+
+  (tmp_path / "dict").mkdir()
+  (tmp_path / "plain").mkdir()
+  saved = {
+    str(tmp_path / "dict"): DatasetDict(train=rows("train"), validation=rows("validation")),
+    str(tmp_path / "plain"): rows("plain"),
+  }
+  fake = types.SimpleNamespace(DatasetDict=DatasetDict, load_from_disk=saved.__getitem__)
+  monkeypatch.setitem(sys.modules, "datasets", fake)
+  d, plain = tmp_path / "dict", tmp_path / "plain"
+  assert open_hf(f"hf:{d}")[0]["text"].startswith("train ")
+  assert open_hf(f"hf:{d}:validation")[0]["text"].startswith("validation ")
+  with pytest.raises(ValueError, match=r"holds the splits train, validation, not 'test'; name one"):
+    open_hf(f"hf:{d}:test")
+  assert open_hf(f"hf:{plain}")[0]["text"].startswith("plain ")
+  with pytest.raises(ValueError, match=r"one saved Dataset without splits, so ':train' names"):
+    open_hf(f"hf:{plain}:train")
+  for spec, want in [
+    (f"hf:{d}", f"hf:{d}:test"),
+    (f"hf:{d}:train", f"hf:{d}:test"),
+    ("hf:org/name", "hf:org/name:test"),
+    ("hf:org/name:train", "hf:org/name:test"),
+    ("hf:org/name:en:train", "hf:org/name:en:test"),
+    ("tfds:c4/en", "tfds:c4/en:test"),
+    ("tfds:c4/en:train[:90%]", "tfds:c4/en:test"),
+  ]:
+    assert with_split(spec, "test") == want
+  # Evaluation finds the saved dict's validation split, and the plain dataset has none.
+  _pipeline("hf", f"hf:{d}", eval_steps=1).check_eval()
+  with pytest.raises(ValueError, match="has no validation or test split; set data.eval_path"):
+    _pipeline("hf", f"hf:{plain}").check_eval()
+  with pytest.raises(ValueError, match=r"examples have no field 'content' \(have \['text'\]\)"):
+    next(_pipeline("hf", f"hf:{d}", text_field="content").train_batches(0))
+
+
 def test_text_fingerprint_follows_the_files_and_eval_is_checked_early(tmp_path):
   for i in range(2):
     (tmp_path / f"a{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
@@ -153,7 +205,13 @@ def test_text_fingerprint_follows_the_files_and_eval_is_checked_early(tmp_path):
     _pipeline("text", glob).check_eval()
   with pytest.raises(FileNotFoundError, match="data.eval_path='.*held-out-.*' matches no files"):
     _pipeline("text", glob, eval_path=str(tmp_path / "held-out-*.jsonl")).check_eval()
-  _pipeline("text", glob, eval_path=str(tmp_path / "a0.jsonl")).check_eval()
+  # Too little held-out text for eval_steps batches fails at start-up, not at the first eval.
+  with pytest.raises(ValueError, match="eval data .*a0.jsonl' has fewer than eval_steps=1 batch"):
+    _pipeline("text", glob, eval_path=str(tmp_path / "a0.jsonl")).check_eval()
+  (tmp_path / "long.txt").write_text("held-out text " * 60)  # 840 bytes: 3 batches of 8 x 33.
+  _pipeline("text", glob, eval_path=str(tmp_path / "long.txt"), eval_steps=3).check_eval()
+  with pytest.raises(ValueError, match="fewer than eval_steps=4 batches"):
+    _pipeline("text", glob, eval_path=str(tmp_path / "long.txt"), eval_steps=4).check_eval()
 
 
 def test_file_documents_skip_odd_lines_and_warn_of_a_wrong_field(tmp_path, capsys):

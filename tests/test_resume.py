@@ -45,7 +45,7 @@ def prepared_corpus(tmp_path_factory):
     num_workers=1,
     progress=False,
   )
-  CORPUS["path"] = out
+  CORPUS["path"], CORPUS["text"] = out, f"{src}/*.txt"
   yield out
 
 
@@ -92,6 +92,28 @@ def _truncate(state_dir: Path) -> None:
   for f in state_dir.rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_other_data_is_an_error_unless_allowed_and_then_read_from_its_start(tmp_path):
+  def saved_position(workdir, step):
+    data = json.loads((workdir / "checkpoints" / str(step) / "data" / "metadata").read_text())
+    return data["iterators"]
+
+  def run(workdir, steps, path, **kw):
+    text = {"data.source": "text", "data.path": path, "checkpoint_every": 2}
+    train_and_evaluate(config(steps=steps, **text, **kw), str(workdir))
+
+  run(tmp_path / "run", 2, CORPUS["text"])
+  new = tmp_path / "new"  # Fewer files: the saved file position points past their end.
+  new.mkdir()
+  for path in sorted(Path(CORPUS["text"]).parent.glob("*.txt"))[:3]:
+    (new / path.name).write_bytes(path.read_bytes())
+  with pytest.raises(ValueError, match="trained on data .* set --config.data.allow_new_data=True"):
+    run(tmp_path / "run", 4, f"{new}/*.txt")
+  run(tmp_path / "run", 4, f"{new}/*.txt", **{"data.allow_new_data": True})
+  run(tmp_path / "fresh", 2, f"{new}/*.txt")
+  # Two steps into the new stream, as in a run that started on it: read from its start.
+  assert saved_position(tmp_path / "run", 4) == saved_position(tmp_path / "fresh", 2)
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, straight, caplog, capfd):

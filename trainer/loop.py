@@ -91,6 +91,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         "configure the data the run used, or set --config.data.allow_new_data=True to continue "
         "on new data."
       )
+    if saved_fp != pipeline.fingerprint:  # allow_new_data: read the new data from its start.
+      origin = {"origin": [start_step, 0], "global_batch": config.global_batch_size}
+      data_state = {"iterators": [origin]}  # Streams ignore it, and so start afresh.
     _restore_data_position(pipeline, data_state)
     logging.info("Resumed from step %d in %s.", start_step, ckpt.directory)
     if start_step >= config.steps:
