@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 200  # Steps between evaluations (0: never).
   c.eval_steps = 10  # Batches per evaluation.
   c.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
-  c.max_to_keep = 3  # Newest checkpoints kept.
+  c.max_to_keep = 3  # Newest checkpoints kept (0: all).
   c.keep_period = 0  # Also keep every checkpoint whose step is a multiple of this (0: none).
   c.init_from = ""  # Start from another run's checkpoint dir or an HF model dir (fresh optimizer).
   c.watchdog_timeout_s = 1800.0  # A step slower than this dumps stacks and exits (0: off).

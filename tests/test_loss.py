@@ -1,13 +1,14 @@
 """The output-head losses against plain autodiff of a full-logits reference."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer.loss import head_loss, token_cross_entropy
+from trainer.loss import _merge, _split, head_loss, token_cross_entropy
 
-B, T, D, V = 2, 12, 8, 40
+B, T, D, V = 2, 13, 8, 40  # T prime: chunks of 3, 4 or 5 tokens need a padded last one.
 
 
 def _inputs(dtype=jnp.float32):
@@ -28,7 +29,7 @@ def _reference(hidden, kernel, targets, weights, z_loss):
   return ce_sum + z_loss * z_sum, (ce_sum, z_sum)
 
 
-@pytest.mark.parametrize("chunk", [0, 4, 5, 12])  # one chunk, three, indivisible, the length
+@pytest.mark.parametrize("chunk", [0, 4, 5, 13])  # one chunk, 4 x 4 and 3 x 5 (padded), T
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
 def test_head_loss_value_and_gradients_match_autodiff(chunk, z_loss):
   hidden, kernel, targets, weights = _inputs()
@@ -80,3 +81,26 @@ def test_token_cross_entropy_matches_the_reference_per_token(chunk):
   ref_ce = ref_lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   np.testing.assert_allclose(lse, ref_lse, rtol=1e-5)
   np.testing.assert_allclose(ce, ref_ce, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_that_do_not_divide_the_length_are_padded_and_logits_stay_chunk_sized():
+  hidden, kernel, targets, weights = _inputs()
+  parts = _split(hidden, 4)
+  assert parts.shape == (4, B, 4, D) and not np.asarray(parts[-1, :, 1:]).any()
+  np.testing.assert_array_equal(_merge(parts, T), hidden)
+  assert _split(hidden[:, :12], 3).shape == (3, B, 4, D)  # Even: no padding.
+  step = jax.grad(lambda h, k: head_loss(h, k, targets, weights, 4, 0.0)[0], argnums=(0, 1))
+  shapes = {
+    v.aval.shape
+    for eq in _equations(jax.make_jaxpr(step)(hidden, kernel).jaxpr)
+    for v in eq.outvars
+  }
+  assert (B, 4, V) in shapes and not any(len(s) == 3 and s[-1] == V and s[1] > 4 for s in shapes)
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, inside scans and custom rules too."""
+  for eq in jaxpr.eqns:
+    yield eq
+    for sub in jax.extend.core.jaxprs_in_params(eq.params):
+      yield from _equations(sub)

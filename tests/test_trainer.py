@@ -20,7 +20,7 @@ from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.loop import train_and_evaluate
 from trainer.mesh import MeshError, create_mesh, mesh_context
-from trainer.metrics import read_jsonl
+from trainer.metrics import create_writers, read_jsonl
 
 
 def build_step(config, devices):
@@ -155,10 +155,26 @@ def test_mesh_that_does_not_fit_is_one_clear_error():
 def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, caplog):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+  from trainer import loop
+
   config = tiny_config(steps=6, log_every=2, eval_every=3, checkpoint_every=3)
   monkeypatch.chdir(tmp_path)  # A relative --workdir, as `make train` passes.
+  written = []  # What the writers were handed, by reference: TensorBoard's writes later.
+
+  def recording_writers(workdir):
+    writer, board = create_writers(workdir)
+    write = writer.write_scalars
+    writer.write_scalars = lambda step, scalars: (
+      written.append((step, scalars)),
+      write(step, scalars),
+    )
+    return writer, board
+
+  monkeypatch.setattr(loop, "create_writers", recording_writers)
   with caplog.at_level(logging.INFO):
     train_and_evaluate(config, "run")
+  # Step 6 logs and evaluates: each eval_loss is written once, and no dict changed after.
+  assert [step for step, scalars in written if "eval_loss" in scalars] == [3, 6]
   # The kernel that ran, as the model selected it (XLA on CPU, whatever model.attention says).
   assert "Attention: xla (blockwise causal attention" in caplog.text
   # The console shows progress: one line per logged step with the rate and the time left.
@@ -255,7 +271,7 @@ def test_bad_values_fail_before_training(tmp_path):
     ("eval_every", -1, "eval_every=-1 must be positive, or 0 for never"),
     ("grad_accum_steps", 0, r"grad_accum_steps=0 must be at least 1 \(1: no accumulation\)"),
     ("eval_steps", 0, "eval_steps=0 must be positive when eval_every=2; set eval_every=0"),
-    ("max_to_keep", -1, "max_to_keep=-1 must be positive, or 0 for none"),
+    ("max_to_keep", -1, "max_to_keep=-1 must be positive, or 0 .keep all."),
     ("optimizer.learning_rate", -1.0, "optimizer.learning_rate=-1.0 must be positive"),
     ("optimizer.grad_clip", -1.0, "optimizer.grad_clip=-1.0 must be 0 or more"),
     ("optimizer.b2", 1.0, "optimizer.b2=1.0 must be at least 0 and below 1"),

@@ -35,9 +35,10 @@ def validate(config: Any) -> None:
       f"eval_steps={config.eval_steps} must be positive when eval_every={config.eval_every}; "
       "set eval_every=0 to never evaluate."
     )
-  for key in ("max_to_keep", "keep_period", "watchdog_timeout_s"):
+  meaning_of_0 = {"max_to_keep": "keep all", "keep_period": "none", "watchdog_timeout_s": "off"}
+  for key, zero in meaning_of_0.items():
     if config[key] < 0:
-      raise ValueError(f"{key}={config[key]} must be positive, or 0 for none.")
+      raise ValueError(f"{key}={config[key]} must be positive, or 0 ({zero}).")
   opt = config.optimizer
   if not opt.learning_rate > 0:
     raise ValueError(f"optimizer.learning_rate={opt.learning_rate} must be positive.")

@@ -229,7 +229,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         }
         if config.z_loss:
           last["z_loss"] = float(np.mean(window["z_loss"]))
-        writer.write_scalars(step, last)
+        writer.write_scalars(step, dict(last))  # The async writer reads it later.
         _log_progress(step, config.steps, last, elapsed / max(n, 1))
         window = {k: [] for k in window}
         window_start, paused = time.perf_counter(), 0.0

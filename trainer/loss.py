@@ -27,20 +27,24 @@ def _logits(h_BxCxD: jax.Array, kernel_DxV: jax.Array) -> jax.Array:
 
 
 def _num_chunks(t: int, chunk: int) -> int:
-  """How many chunks of `chunk` tokens split a length-`t` sequence (1: no chunking)."""
-  return t // chunk if 0 < chunk < t and t % chunk == 0 else 1
+  """How many chunks of `chunk` tokens cover a length-`t` sequence (1: no chunking); when
+  `chunk` does not divide `t`, the last chunk is padded."""
+  return -(-t // chunk) if 0 < chunk < t else 1
 
 
 def _split(x_BxT: jax.Array, n: int) -> jax.Array:
-  """[B, T, ...] -> [N, B, T / N, ...]."""
+  """[B, T, ...] -> [N, B, C, ...] with C = ceil(T / N), zero-padding the end of T to N * C."""
   b, t = x_BxT.shape[:2]
-  return x_BxT.reshape(b, n, t // n, *x_BxT.shape[2:]).swapaxes(0, 1)
+  c = -(-t // n)
+  if n * c != t:
+    x_BxT = jnp.pad(x_BxT, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_BxT.ndim - 2))
+  return x_BxT.reshape(b, n, c, *x_BxT.shape[2:]).swapaxes(0, 1)
 
 
-def _merge(x_NxBxC: jax.Array) -> jax.Array:
-  """[N, B, C, ...] -> [B, N * C, ...], the inverse of `_split`."""
+def _merge(x_NxBxC: jax.Array, t: int) -> jax.Array:
+  """[N, B, C, ...] -> [B, T, ...], the inverse of `_split` (dropping the padding)."""
   n, b, c = x_NxBxC.shape[:3]
-  return x_NxBxC.swapaxes(0, 1).reshape(b, n * c, *x_NxBxC.shape[3:])
+  return x_NxBxC.swapaxes(0, 1).reshape(b, n * c, *x_NxBxC.shape[3:])[:, :t]
 
 
 @jax.custom_vjp
@@ -98,7 +102,8 @@ def token_cross_entropy(
   _, (ce_NxBxC, lse_NxBxC) = jax.lax.scan(
     body, None, (_split(hidden_BxTxD, n), _split(targets_BxT, n))
   )
-  return _merge(ce_NxBxC), _merge(lse_NxBxC)
+  t = hidden_BxTxD.shape[1]
+  return _merge(ce_NxBxC, t), _merge(lse_NxBxC, t)
 
 
 def head_loss(
@@ -168,7 +173,9 @@ def _head_loss_fwd(hidden_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, z_
     dk_DxV, (ce_NxBxC, lse_NxBxC, dh_NxBxCxD) = jax.lax.scan(
       body, jnp.zeros(kernel_DxV.shape, jnp.float32), chunks
     )
-    ce_BxT, lse_BxT, dh_BxTxD = _merge(ce_NxBxC), _merge(lse_NxBxC), _merge(dh_NxBxCxD)
+    # Padded tokens weigh 0, so they add nothing to the kernel's gradient; their values go.
+    t = hidden_BxTxD.shape[1]
+    ce_BxT, lse_BxT, dh_BxTxD = (_merge(x, t) for x in (ce_NxBxC, lse_NxBxC, dh_NxBxCxD))
   out = _weighted_sums(ce_BxT, lse_BxT, weights_BxT, z_loss)
   # d objective / d w is the token's own loss term.
   dw_BxT = ce_BxT + z_loss * jnp.square(lse_BxT)
