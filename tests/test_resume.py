@@ -295,6 +295,11 @@ def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path):
   assert first["learning_rate"] == 0.0
   assert first["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
   assert sorted(losses(tmp_path / "b")) == [1]
+  # Into a model with the other layer layout (layers_0.. instead of one stacked subtree).
+  unscanned = config(steps=1, eval_every=1, init_from=str(tmp_path / "a"))
+  unscanned.model.scan_layers = not trained.model.scan_layers
+  again = train_and_evaluate(unscanned, str(tmp_path / "c"))
+  assert again["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
   # A damaged newest checkpoint: the parameters come from the one before; none left: one error.
   for step in (4, 2):
     _truncate(tmp_path / "a" / "checkpoints" / str(step) / "state")

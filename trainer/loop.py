@@ -356,7 +356,12 @@ def _init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any
     from trainer.checkpoint import restore_params  # noqa: PLC0415
 
     loaded_cfg, params = restore_params(path)
+  from model.hf import stack_layers, unstack_layers  # noqa: PLC0415
   from trainer.checkpoint import CheckpointMismatchError, shape_mismatch  # noqa: PLC0415
+
+  if loaded_cfg.scan_layers != mcfg.scan_layers:  # Only the layers' layout differs: convert.
+    params = (stack_layers if mcfg.scan_layers else unstack_layers)(params)
+    loaded_cfg = loaded_cfg.replace(scan_layers=mcfg.scan_layers)
 
   diff = shape_mismatch(loaded_cfg.to_dict(), mcfg)
   if diff:
