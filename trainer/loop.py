@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
 from etils import epath
@@ -120,7 +119,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
     start_step = 0
     if config.init_from:
-      state = _init_from(config.init_from, mcfg, state, tx, shardings)
+      state = state_lib.init_from(config.init_from, mcfg, state, tx, shardings)
   if lead:  # Steps logged after the restored one (all, from scratch) are trained again.
     dropped = truncate_jsonl(str(workdir / "metrics.jsonl"), start_step)
     if dropped:
@@ -339,39 +338,6 @@ def _xla_flops(compiled: Any) -> float | None:
     return float(cost.get("flops", 0.0)) or None
   except Exception:  # noqa: BLE001 - not every backend offers a cost model.
     return None
-
-
-def _init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any:
-  """A fresh optimizer over parameters from an HF directory, a params dir, or another run."""
-  p = epath.Path(path)
-  if (p / "config.json").exists() and any(p.glob("*.safetensors*")):
-    from model.hf import load_hf  # noqa: PLC0415
-
-    loaded_cfg, params = load_hf(path, scan_layers=mcfg.scan_layers)
-  elif (p / "model_config.json").exists():
-    from model.convert import load_params_dir  # noqa: PLC0415
-
-    loaded_cfg, params = load_params_dir(path)
-  else:
-    from trainer.checkpoint import restore_params  # noqa: PLC0415
-
-    loaded_cfg, params = restore_params(path)
-  from model.hf import stack_layers, unstack_layers  # noqa: PLC0415
-  from trainer.checkpoint import CheckpointMismatchError, shape_mismatch  # noqa: PLC0415
-
-  if loaded_cfg.scan_layers != mcfg.scan_layers:  # Only the layers' layout differs: convert.
-    params = (stack_layers if mcfg.scan_layers else unstack_layers)(params)
-    loaded_cfg = loaded_cfg.replace(scan_layers=mcfg.scan_layers)
-
-  diff = shape_mismatch(loaded_cfg.to_dict(), mcfg)
-  if diff:
-    raise CheckpointMismatchError(
-      f"init_from={path} holds another model ({'; '.join(diff)}); "
-      "set --config.model values to match it."
-    )
-  logging.info("Initialized parameters from %s.", path)
-  params = jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), params, state.params)
-  return state_lib.with_params(state, params, tx, shardings)
 
 
 class _Sampler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import Llama3, ModelConfig
@@ -127,3 +129,36 @@ def with_params(
   )
   params = jax.device_put(params, shardings.params)
   return fn(params)
+
+
+def init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any:
+  """A fresh optimizer over parameters from an HF directory, a params dir, or another run."""
+  p = epath.Path(path)
+  if (p / "config.json").exists() and any(p.glob("*.safetensors*")):
+    from model.hf import load_hf  # noqa: PLC0415
+
+    loaded_cfg, params = load_hf(path, scan_layers=mcfg.scan_layers)
+  elif (p / "model_config.json").exists():
+    from model.convert import load_params_dir  # noqa: PLC0415
+
+    loaded_cfg, params = load_params_dir(path)
+  else:
+    from trainer.checkpoint import restore_params  # noqa: PLC0415
+
+    loaded_cfg, params = restore_params(path)
+  from model.hf import stack_layers, unstack_layers  # noqa: PLC0415
+  from trainer.checkpoint import CheckpointMismatchError, shape_mismatch  # noqa: PLC0415
+
+  if loaded_cfg.scan_layers != mcfg.scan_layers:  # Only the layers' layout differs: convert.
+    params = (stack_layers if mcfg.scan_layers else unstack_layers)(params)
+    loaded_cfg = loaded_cfg.replace(scan_layers=mcfg.scan_layers)
+
+  diff = shape_mismatch(loaded_cfg.to_dict(), mcfg)
+  if diff:
+    raise CheckpointMismatchError(
+      f"init_from={path} holds another model ({'; '.join(diff)}); "
+      "set --config.model values to match it."
+    )
+  logging.info("Initialized parameters from %s.", path)
+  params = jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), params, state.params)
+  return with_params(state, params, tx, shardings)
