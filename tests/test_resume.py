@@ -237,18 +237,26 @@ def test_kill_9_then_rerun_continues_exactly(tmp_path, straight_cli):
 
 
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight_cli):
-  proc = _start(tmp_path, "--config.checkpoint_every=0")
+  """Logged every 3 steps: the stopped run also logs its last, partial window, so each logged
+  loss is the mean over the steps since the one logged before it, across the resume too."""
+  flags = ("--config.checkpoint_every=0", "--config.log_every=3")
+  proc = _start(tmp_path, *flags)
   _wait_for_step(tmp_path, 3, proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
   assert "Preempted" in out
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved and saved[-1] < STEPS
-  rerun = _start(tmp_path, "--config.checkpoint_every=0")
+  assert saved and saved[-1] < STEPS and saved[-1] in losses(tmp_path)
+  rerun = _start(tmp_path, *flags)
   out, _ = rerun.communicate(timeout=300)
   assert rerun.returncode == 0, out
-  assert losses(tmp_path) == straight_cli
+  got = losses(tmp_path)
+  logged = sorted(got)
+  assert logged == sorted({3, 6, 9, 12, saved[-1]}), logged
+  for before, step in zip([0, *logged], logged):
+    window = [straight_cli[k] for k in range(before + 1, step + 1)]
+    np.testing.assert_allclose(got[step], np.mean(window), rtol=1e-6, err_msg=str(step))
 
 
 def test_ctrl_c_saves_exits_130_and_resumes(tmp_path, straight_cli):

@@ -205,9 +205,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       for hook in hooks:
         hook(step)
       watchdog.beat(step)
+      preempted = preemption.reached(step)
+      log = step % config.log_every == 0 or step == config.steps or preempted
       boundary = (
-        step % config.log_every == 0
-        or step == config.steps
+        log
         or (config.eval_every and step % config.eval_every == 0)
         or (config.checkpoint_every and step % config.checkpoint_every == 0)
         or (config.sample_every and step % config.sample_every == 0)
@@ -215,7 +216,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       if boundary:
         _check_and_collect(pending, window)
         pending = None
-      if step % config.log_every == 0 or step == config.steps:
+      if log:  # A preempted run logs its partial window: a resume starts a new one.
         elapsed = time.perf_counter() - window_start - paused
         n = len(window["loss"])
         tokens_per_sec = sum(window["num_tokens"]) and tokens_per_step * n / elapsed
@@ -233,7 +234,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         window = {k: [] for k in window}
         window_start, paused = time.perf_counter(), 0.0
       pause_start = time.perf_counter()
-      preempted = preemption.reached(step)
       # Save first: an evaluation or sample that fails then loses no training.
       if (
         (config.checkpoint_every and step % config.checkpoint_every == 0)
