@@ -134,6 +134,14 @@ def test_loss_falls_on_repeated_data():
   assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_an_explicit_attention_kernel_does_not_break_parameter_init():
+  """Parameter shapes come from a short dummy batch that splash (128-token tiles) would refuse."""
+  config = tiny_config(**{"model.attention": "splash", "model.head_dim": 64, "seq_len": 128})
+  model = Llama3(state_lib.model_config(config))
+  shapes = jax.eval_shape(lambda: state_lib._init_params(model, jax.random.key(0)))
+  assert shapes["layers"]["attn"]["q"]["kernel"].value.shape[-1] == 64
+
+
 def test_parameters_that_do_not_split_over_the_mesh_are_one_clear_error():
   config = tiny_config(**{"mesh.tensor": 8, "mesh.fsdp": 1})  # 2 kv heads over 8 devices.
   mesh = create_mesh(config.mesh, jax.devices())

@@ -316,8 +316,9 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
     )
   device = jax.local_devices()[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
+  model = Llama3(mcfg.replace(attention="xla"))  # Shapes only: any kernel gives the same.
   shapes = jax.eval_shape(
-    lambda: nn.unbox(Llama3(mcfg).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32")))
+    lambda: nn.unbox(model.init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32")))
   )["params"]
   item = {
     "params": jax.tree.map(
