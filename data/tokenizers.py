@@ -77,9 +77,10 @@ class Tokenizer:
     `encode` keeps such text as text (for byte-level vocabularies), so a training document
     cannot forge a control token; a prompt for an instruct model spells its chat headers out,
     and transformers reads them as the tokens they name. A prompt that starts with BOS text gets
-    no second BOS.
+    no second BOS. Undecodable bytes (lone surrogates, as from a non-UTF-8 command line)
+    become U+FFFD.
     """
-    ids = self._encode_specials(text)
+    ids = self._encode_specials(re.sub("[\ud800-\udfff]", "\ufffd", text))
     return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
 
   def _encode_specials(self, text: str) -> list[int]:

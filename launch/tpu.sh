@@ -255,7 +255,7 @@ cmd_train() {
     exports+=" && export LIBTPU_INIT_ARGS=$(quote "$LIBTPU_INIT_ARGS")"
   fi
   for a in "${ENVS[@]}"; do
-    [[ $a == [A-Za-z_]*=* ]] || die "--env takes KEY=VALUE, got '$a'"
+    [[ $a =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env takes KEY=VALUE with a shell name as KEY, got '$a'"
     exports+=" && export ${a%%=*}=$(quote "${a#*=}")"
   done
   local trainer

@@ -112,6 +112,8 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+  if args.max_shard_bytes <= 0:
+    raise ValueError(f"--max_shard_bytes={args.max_shard_bytes} must be positive (bytes).")
   fix = "pick a new output directory or pass --overwrite to replace the model files in it"
   check_output(args.output, fix, overwrite=args.overwrite)  # Before reading the checkpoint.
   for marker, what in (("checkpoints", "a training run"), (MODEL_CONFIG_FILE, "a params dir")):

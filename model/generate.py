@@ -162,7 +162,10 @@ def sample_logits(
 
   Greedy decoding is `jnp.argmax`, not temperature 0.
   """
-  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  # Shifted so the largest is 0 first: a tiny temperature then sends the rest to -inf (greedy),
+  # never the largest to +inf (which would make every finite logit tie).
+  logits_BxV = (logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)) / temperature
   logits_BxV = filter_logits(logits_BxV, top_k=top_k, top_p=top_p)
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 

@@ -79,6 +79,7 @@ def test_cli_prints_a_table_then_one_json_line():
     ("--steps=-2", "flag --steps=-2: -2 is not a positive integer"),
     ("--config.global_batch_size=6", "global_batch_size=6 is not divisible by grad_accum_steps"),
     ("--config.modle.num_layers=1", "error: unknown config key: 'modle'; Did you mean"),
+    ("--cpu_devices=-1", "error: --cpu_devices=-1 must be 0 (one per core) or more."),
   ):
     cmd = [sys.executable, "-m", "trainer.benchmark", "--config=configs/bench.py", bad]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -160,6 +160,9 @@ def test_prompts_read_special_token_text_documents_do_not(tmp_path):
   assert byte.encode_prompt("x<|end_of_text|>") == [256, 120, 257]
   assert byte.encode_prompt("<|begin_of_text|>x") == [256, 120]
   assert byte.encode_prompt("") == [256]
+  # Bytes that were not UTF-8 on the command line arrive as lone surrogates: U+FFFD each.
+  for tok in (bpe, tik, byte):
+    assert tok.encode_prompt("\udcffab") == tok.encode_prompt("\ufffdab"), tok.kind
 
 
 def test_bad_tokenizer_specs(tmp_path):

@@ -295,6 +295,8 @@ def test_cli_export_refuses_a_used_output_and_overwrite_replaces_the_model(
     with pytest.raises(SystemExit) as e:
       main([*export, f"--output={out}"])
     assert str(e.value.code).startswith(f"error: {out} ") and message in str(e.value.code)
+  with pytest.raises(SystemExit, match=r"^error: --max_shard_bytes=0 must be positive"):
+    main([*export, f"--output={tmp_path / 'new'}", "--max_shard_bytes=0"])
   assert contents() == before
   assert (tmp_path / "afile").read_text() == "precious"
   # --overwrite with a bad --checkpoint still loses nothing.

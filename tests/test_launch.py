@@ -330,6 +330,8 @@ def test_logs_stop_status_tensorboard_delete():
     (("create", *TARGET, "--typo=1"), "unknown flag --typo"),
     (("create", *TARGET, "--type=v7-8"), "no default runtime for --type=v7-8"),
     (("logs", *TARGET, "--worker=abc"), "--worker must be a number or all"),
+    (("train", *TARGET, "--env=A;id=1", "--", "--workdir=gs://b/r"), "a shell name as KEY"),
+    (("train", *TARGET, "--env=BAD KEY=1", "--", "--workdir=gs://b/r"), "a shell name as KEY"),
   ],
 )
 def test_user_errors_are_one_clear_line(args, message):

@@ -272,6 +272,8 @@ def main(argv: list[str]) -> None:
     validate(config)  # The trainer's checks: one line, not a traceback from inside jit.
   except ValueError as e:
     sys.exit(f"error: {e}")
+  if _CPU_DEVICES.value < 0:
+    sys.exit(f"error: --cpu_devices={_CPU_DEVICES.value} must be 0 (one per core) or more.")
   cores = len(os.sched_getaffinity(0))
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     n = _CPU_DEVICES.value or cpu_device_count(config, cores)

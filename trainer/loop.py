@@ -149,11 +149,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   model_flops = flops.model_flops_per_token(mcfg, config.seq_len) * tokens_per_step
   xla_flops = _xla_flops(compiled)
   logging.info(
-    "Compiled the train step in %.1f s. Model FLOPs/step %.3e; XLA cost_analysis "
-    "FLOPs/step %s (scanned layers are counted once by XLA).",
+    "Compiled the train step in %.1f s. Model FLOPs/step %.3e; XLA's count %s%s.",
     compile_s,
     model_flops,
     f"{xla_flops:.3e}" if xla_flops else "n/a",
+    " (scanned layers are counted once by XLA)" if mcfg.scan_layers else "",
   )
   try:
     peak = flops.device_peak_flops()
