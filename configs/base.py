@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_to_keep = 3  # Newest checkpoints kept (0: all).
   c.keep_period = 0  # Also keep every checkpoint whose step is a multiple of this (0: none).
   c.init_from = ""  # Start from another run's checkpoint dir or an HF model dir (fresh optimizer).
-  c.watchdog_timeout_s = 1800.0  # A step slower than this dumps stacks and exits (0: off).
+  c.watchdog_timeout_s = 1800.0  # A step (or eval) slower than this dumps stacks, exits (0: off).
   c.sample_every = 0  # Steps between text samples written to TensorBoard (0: never).
   c.sample_prompt = "The"  # Prompt for those samples.
   c.sample_max_new_tokens = 32  # Tokens generated per sample.

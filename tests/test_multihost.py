@@ -147,3 +147,25 @@ def test_a_stream_resumes_exactly_on_two_hosts(tmp_path):
   assert sorted(got) == sorted(want) == list(range(1, 17))
   np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
   assert len(read_jsonl(str(stopped / "metrics.jsonl"))) == 16  # Each step logged once.
+
+
+def test_an_error_on_one_host_ends_the_run_with_it(tmp_path):
+  """Host 1 alone gets a bad init_from path: it exits 1 with one line at once, rather than
+  waiting for the others at JAX's shutdown barrier until every host aborts."""
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  for k in distributed.LAUNCHER_VARS:
+    env.pop(k, None)
+  train = f"{sys.executable} -m trainer.train --config=tests/tiny_run.py --workdir={tmp_path}"
+  bad = f"{tmp_path}/missing"
+  script = (
+    f'{train} {" ".join(FLAGS)} $([ "$LLAMA_PROCESS_ID" = 1 ] && echo --config.init_from={bad})'
+  )
+  cmd = [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=4"]
+  proc = subprocess.run(
+    [*cmd, "--grace_s=2", "--", "bash", "-c", script],
+    cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 1, out[-3000:]
+  assert f"[p1] error: {bad}/config.json does not exist" in out, out[-3000:]
+  assert "Fatal Python error" not in out and "Shutdown barrier" not in out, out[-3000:]

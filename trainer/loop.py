@@ -137,65 +137,68 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   if start_step == 0:
     writer.write_hparams(_flatten(config_dict))
 
-  train_step = step_lib.jit_train_step(config, model, tx, schedule, mesh, rules, shardings)
-  eval_step = step_lib.jit_eval_step(config, model, mesh, rules, shardings.params)
-  batches = pipeline.train_batches(start_step)
-  batch = next(batches)
-  t0 = time.perf_counter()
-  with mesh_context(mesh):
-    compiled = train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  tokens_per_step = config.global_batch_size * config.seq_len
-  model_flops = flops.model_flops_per_token(mcfg, config.seq_len) * tokens_per_step
-  xla_flops = _xla_flops(compiled)
-  logging.info(
-    "Compiled the train step in %.1f s. Model FLOPs/step %.3e; XLA's count %s%s.",
-    compile_s,
-    model_flops,
-    f"{xla_flops:.3e}" if xla_flops else "n/a",
-    " (scanned layers are counted once by XLA)" if mcfg.scan_layers else "",
-  )
-  try:
-    peak = flops.device_peak_flops()
-  except ValueError as e:  # An accelerator missing from the table: no MFU, but train.
-    logging.warning("%s MFU is logged as NaN.", e)
-    peak = float("nan")
-
-  # Only process 0 writes the data item, so it holds every process's position (a streaming
-  # source's hosts each read their own shard); all processes call this at the same steps.
-  data_fn = lambda: {
-    "step": None,
-    "fingerprint": pipeline.fingerprint,
-    "iterators": gather_json(pipeline.state()),
-  }
-  hooks = (
-    [
-      periodic_actions.ReportProgress(
-        num_train_steps=config.steps, writer=board, every_steps=config.log_every
-      )
-    ]
-    if lead
-    else []
-  )
-  if config.profile_steps and lead:
-    hooks.append(
-      periodic_actions.Profile(
-        logdir=str(workdir),
-        num_profile_steps=config.profile_steps,
-        first_profile=config.profile_start_step,
-      )
-    )
-  watchdog = Watchdog(config.watchdog_timeout_s)
+  # From here a SIGTERM or Ctrl-C, even during the compile, saves at the next step's end: every
+  # host of a run must get past its compile to agree on that step.
   preemption = Preemption()
-  sampler = _Sampler(config, model, tokenizer, writer) if config.sample_every else None
-
-  pending = None
-  window = {"loss": [], "z_loss": [], "grad_norm": [], "learning_rate": [], "num_tokens": []}
-  window_start = time.perf_counter()
-  paused = 0.0  # Seconds of the window spent evaluating, sampling and saving, not training.
-  last: dict[str, float] = {}
-  step = start_step
+  watchdog = batches = None
   try:
+    train_step = step_lib.jit_train_step(config, model, tx, schedule, mesh, rules, shardings)
+    eval_step = step_lib.jit_eval_step(config, model, mesh, rules, shardings.params)
+    batches = pipeline.train_batches(start_step)
+    batch = next(batches)
+    t0 = time.perf_counter()
+    with mesh_context(mesh):
+      compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    tokens_per_step = config.global_batch_size * config.seq_len
+    model_flops = flops.model_flops_per_token(mcfg, config.seq_len) * tokens_per_step
+    xla_flops = _xla_flops(compiled)
+    logging.info(
+      "Compiled the train step in %.1f s. Model FLOPs/step %.3e; XLA's count %s%s.",
+      compile_s,
+      model_flops,
+      f"{xla_flops:.3e}" if xla_flops else "n/a",
+      " (scanned layers are counted once by XLA)" if mcfg.scan_layers else "",
+    )
+    try:
+      peak = flops.device_peak_flops()
+    except ValueError as e:  # An accelerator missing from the table: no MFU, but train.
+      logging.warning("%s MFU is logged as NaN.", e)
+      peak = float("nan")
+
+    # Only process 0 writes the data item, so it holds every process's position (a streaming
+    # source's hosts each read their own shard); all processes call this at the same steps.
+    data_fn = lambda: {
+      "step": None,
+      "fingerprint": pipeline.fingerprint,
+      "iterators": gather_json(pipeline.state()),
+    }
+    hooks = (
+      [
+        periodic_actions.ReportProgress(
+          num_train_steps=config.steps, writer=board, every_steps=config.log_every
+        )
+      ]
+      if lead
+      else []
+    )
+    if config.profile_steps and lead:
+      hooks.append(
+        periodic_actions.Profile(
+          logdir=str(workdir),
+          num_profile_steps=config.profile_steps,
+          first_profile=config.profile_start_step,
+        )
+      )
+    watchdog = Watchdog(config.watchdog_timeout_s)
+    sampler = _Sampler(config, model, tokenizer, writer) if config.sample_every else None
+
+    pending = None
+    window = {"loss": [], "z_loss": [], "grad_norm": [], "learning_rate": [], "num_tokens": []}
+    window_start = time.perf_counter()
+    paused = 0.0  # Seconds of the window spent evaluating, sampling and saving, not training.
+    last: dict[str, float] = {}
+    step = start_step
     while step < config.steps:
       state, metrics = compiled(state, batch)
       step += 1
@@ -263,8 +266,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         break
   finally:
     preemption.close()
-    watchdog.stop()
-    batches.close()  # Stops data workers and frees their shared memory now, not at exit.
+    if watchdog is not None:
+      watchdog.stop()
+    if batches is not None:
+      batches.close()  # Stops data workers and frees their shared memory now, not at exit.
     ckpt.close()
     writer.close()
   return last

@@ -30,11 +30,24 @@ def main(argv):
   except (ValueError, FileNotFoundError, TrainingError) as e:
     if os.environ.get("LLAMA_TRACEBACK"):
       raise
-    sys.exit(f"error: {e}")
+    _exit(1, f"error: {e}")
   except KeyboardInterrupt as e:
-    if not isinstance(e, SavedInterrupt):  # That one said what it saved.
-      print("Interrupted; rerun the same command to resume from the newest checkpoint.")
-    sys.exit(130)
+    if isinstance(e, SavedInterrupt):  # Every host saved together and said so.
+      sys.exit(130)
+    _exit(130, "Interrupted; rerun the same command to resume from the newest checkpoint.")
+
+
+def _exit(code: int, message: str) -> None:
+  """Exits with `message` on stderr. A host of a multi-host run leaves at once: at a normal exit
+  it would wait for the other hosts at JAX's shutdown barrier, while they wait for it in theirs."""
+  import jax  # noqa: PLC0415
+
+  print(message, file=sys.stderr)
+  if jax.process_count() == 1:
+    sys.exit(code)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":
