@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data.workers import exit_with_parent
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -100,8 +104,10 @@ def gather_json(value: object) -> list:
   return [json.loads(bytes(everyone[i, : sizes[i]])) for i in range(len(sizes))]
 
 
-def ignore_sigint(worker_index: int = 0, worker_count: int = 0) -> None:
-  """grain worker start-up: a terminal's Ctrl-C reaches every process of the group, and the
-  trainer, not its data workers, decides what it does (save, then stop them)."""
+def init_worker(worker_index: int = 0, worker_count: int = 0) -> None:
+  """grain worker start-up. A terminal's Ctrl-C reaches every process of the group, and the
+  trainer, not its data workers, decides what it does (save, then stop them); and a trainer that
+  dies without stopping them (SIGKILL, the OOM killer, its own watchdog) takes them along."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()

@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding
 
-from data.batching import assemble, host_rows, ignore_sigint, rows_to_example
+from data.batching import assemble, host_rows, init_worker, rows_to_example
 from data.packing import decode_row
 from data.tokenizers import tokenizer_from_prepared
 
@@ -198,7 +198,7 @@ class PreparedPipeline:
         grain.MultiprocessingOptions(
           num_workers=self.num_workers, per_worker_buffer_size=max(1, self.prefetch)
         ),
-        worker_init_fn=ignore_sigint,
+        worker_init_fn=init_worker,
       )
     it = iter(ds)
     try:

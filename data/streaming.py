@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from data.batching import assemble, host_rows, ignore_sigint, on_every_host, rows_to_example
+from data.batching import assemble, host_rows, init_worker, on_every_host, rows_to_example
 from data.catalog import open_hf, open_tfds, with_split
 from data.sources import clean_text, example_field, expand_input, iter_file_documents
 from data.tokenizers import Tokenizer, load_tokenizer
@@ -211,7 +211,7 @@ class StreamingPipeline:
     ds = self._documents(spec, train=train).map(_Tokenize(self._tok_spec))
     if train and self._workers:
       options = grain.MultiprocessingOptions(num_workers=self._workers)
-      ds = ds.mp_prefetch(options, worker_init_fn=ignore_sigint)
+      ds = ds.mp_prefetch(options, worker_init_fn=init_worker)
     row = {"tokens": self.seq_len + 1}
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=row)
     return ds.batch(len(self.local_rows), drop_remainder=True).map(_to_example)

@@ -53,12 +53,13 @@ def ordered_map(
 
 
 def _start_worker(parent: int, initializer: Callable[..., None], *initargs: Any) -> None:
-  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+  threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
   initializer(*initargs)
 
 
-def _exit_with_parent(parent: int) -> None:
-  """Ends a worker process whose parent died without stopping it (SIGKILL, OOM killer)."""
+def exit_with_parent(parent: int) -> None:
+  """Ends this worker process once its parent `parent` has died without stopping it (SIGKILL,
+  the OOM killer); run it in a daemon thread."""
   while os.getppid() == parent:
     time.sleep(1.0)
   os._exit(1)

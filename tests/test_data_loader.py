@@ -3,6 +3,9 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -162,6 +165,45 @@ def test_worker_processes_give_the_same_batches(prepared):
   ]
   assert ignored and all(ignored), children
   workers.close()
+
+
+_KILLED_READER = """
+import sys
+import numpy as np, jax
+from jax.sharding import Mesh
+from data.batching import batch_sharding
+from data.loader import PreparedPipeline
+if __name__ == "__main__":  # The workers are spawned: they import this module again.
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+  p = PreparedPipeline(sys.argv[1], seed=0, global_batch=8, seq_len=16,
+                       sharding=batch_sharding(mesh), num_workers=2)
+  batches = p.train_batches(0)  # Kept: closing it would stop the workers.
+  next(batches)
+  print("READING", flush=True)
+  sys.stdin.read()  # Until killed.
+"""
+
+
+def test_workers_exit_when_their_reader_is_killed(prepared, tmp_path):
+  """SIGKILL (or the OOM killer, or the watchdog's exit) gives the trainer no chance to stop its
+  grain workers: they notice and exit by themselves."""
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_READER, prepared],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+  )  # fmt: skip
+  assert proc.stdout.readline().strip() == "READING"
+  tasks = Path(f"/proc/{proc.pid}/task").iterdir()  # Children of any of its threads.
+  workers = [pid for t in tasks for pid in (t / "children").read_text().split()]
+  assert len(workers) >= 2, workers
+  proc.kill()
+  proc.wait()
+  deadline = time.time() + 30
+  while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+    time.sleep(0.2)
+  alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+  for w in alive:  # Leave nothing behind, even when the test fails.
+    os.kill(int(w), signal.SIGKILL)
+  assert not alive
 
 
 def _document_names(rows):
