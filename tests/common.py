@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import ml_collections
@@ -79,3 +80,37 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     target[last] = value
   c.lock()
   return c
+
+
+def child_pids(pid: int) -> list[int]:
+  """The child processes of `pid`, started from any of its threads (Linux /proc)."""
+  out = []
+  for task in Path(f"/proc/{pid}/task").iterdir():
+    out += [int(c) for c in (task / "children").read_text().split()]
+  return out
+
+
+def command_of(pid: int) -> bytes:
+  """A process's command line, or b'' once it is gone."""
+  try:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+  except FileNotFoundError:
+    return b""
+
+
+def is_running(pid: int) -> bool:
+  """Whether `pid` exists and is not a zombie waiting for a parent to reap it."""
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def wait_until(predicate, seconds: float) -> bool:
+  """Polls `predicate` until it holds (True) or `seconds` pass (False)."""
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(0.2)
+  return False

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -19,7 +18,7 @@ from data.batching import batch_sharding
 from data.loader import PreparedPipeline, read_metadata, record_indices, rows_dataset
 from data.prepare import prepare
 from data.stdlib import ensure_stdlib_prepared, stdlib_files
-from tests.common import write_tiktoken
+from tests.common import child_pids, is_running, wait_until, write_tiktoken
 
 B, T = 8, 16
 
@@ -192,18 +191,14 @@ def test_workers_exit_when_their_reader_is_killed(prepared, tmp_path):
     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
   )  # fmt: skip
   assert proc.stdout.readline().strip() == "READING"
-  tasks = Path(f"/proc/{proc.pid}/task").iterdir()  # Children of any of its threads.
-  workers = [pid for t in tasks for pid in (t / "children").read_text().split()]
+  workers = child_pids(proc.pid)  # grain's workers and multiprocessing's resource tracker.
   assert len(workers) >= 2, workers
   proc.kill()
   proc.wait()
-  deadline = time.time() + 30
-  while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
-    time.sleep(0.2)
-  alive = [w for w in workers if Path(f"/proc/{w}").exists()]
-  for w in alive:  # Leave nothing behind, even when the test fails.
-    os.kill(int(w), signal.SIGKILL)
-  assert not alive
+  gone = wait_until(lambda: not any(map(is_running, workers)), 30)
+  for pid in filter(is_running, workers):  # Leave nothing behind, even when the test fails.
+    os.kill(pid, signal.SIGKILL)
+  assert gone
 
 
 def _document_names(rows):

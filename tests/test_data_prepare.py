@@ -10,6 +10,7 @@ import pytest
 from data.loader import read_metadata, rows_dataset
 from data.prepare import _summary, eval_documents, main, prepare
 from data.tokenizers import load_tokenizer
+from tests.common import child_pids, command_of, is_running, wait_until
 
 REQUIRED = ("num_rows", "seq_len", "num_documents", "num_tokens", "tokenizer", "fingerprint")
 
@@ -327,25 +328,6 @@ except KeyboardInterrupt:
 """
 
 
-def _children(pid):
-  out = []
-  for task in os.listdir(f"/proc/{pid}/task"):
-    with open(f"/proc/{pid}/task/{task}/children") as f:
-      out += [int(c) for c in f.read().split()]
-  return out
-
-
-def _wait(predicate, seconds):
-  import time
-
-  deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    if predicate():
-      return True
-    time.sleep(0.2)
-  return False
-
-
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_a_stopped_run_leaves_no_workers_and_no_partial_output(tmp_path, sig):
   """SIGTERM: the run removes its partial output and stops its workers; SIGKILL: the workers
@@ -362,35 +344,17 @@ def test_a_stopped_run_leaves_no_workers_and_no_partial_output(tmp_path, sig):
   try:
     # Workers are the children other than multiprocessing's resource tracker.
     def workers():
-      return [c for c in _children(proc.pid) if b"resource_tracker" not in _cmd(c)]
+      return [c for c in child_pids(proc.pid) if b"resource_tracker" not in command_of(c)]
 
-    assert _wait(
+    assert wait_until(
       lambda: workers() and any(p.name.startswith("out.tmp-") for p in tmp_path.iterdir()), 120
     )
     started = workers()
     proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=60)
-    assert _wait(
-      lambda: not any(os.path.exists(f"/proc/{w}") and _state(w) != "Z" for w in started), 30
-    )
+    assert wait_until(lambda: not any(map(is_running, started)), 30)
     if sig == "SIGTERM":
       assert proc.returncode == 1 and "interrupted" in proc.stderr.read()
       assert os.listdir(tmp_path) == []  # The partial OUTPUT.tmp-* is gone, OUTPUT never made.
   finally:
     proc.kill()
-
-
-def _cmd(pid):
-  try:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-      return f.read()
-  except FileNotFoundError:
-    return b""
-
-
-def _state(pid):
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0]
-  except FileNotFoundError:
-    return "gone"
