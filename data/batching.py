@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -104,10 +103,11 @@ def gather_json(value: object) -> list:
   return [json.loads(bytes(everyone[i, : sizes[i]])) for i in range(len(sizes))]
 
 
-def init_worker(worker_index: int = 0, worker_count: int = 0) -> None:
-  """grain worker start-up. A terminal's Ctrl-C reaches every process of the group, and the
-  trainer, not its data workers, decides what it does (save, then stop them); and a trainer that
-  dies without stopping them (SIGKILL, the OOM killer, its own watchdog) takes them along."""
+def init_worker(worker_index: int = 0, worker_count: int = 0, *, parent: int) -> None:
+  """grain worker start-up, bound to the trainer's pid `parent` (functools.partial). A
+  terminal's Ctrl-C reaches every process of the group, and the trainer, not its data workers,
+  decides what it does (save, then stop them); a trainer that dies without stopping them
+  (SIGKILL, the OOM killer, its own watchdog), even while they start, takes them along."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+  threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()

@@ -198,7 +198,7 @@ class PreparedPipeline:
         grain.MultiprocessingOptions(
           num_workers=self.num_workers, per_worker_buffer_size=max(1, self.prefetch)
         ),
-        worker_init_fn=init_worker,
+        worker_init_fn=functools.partial(init_worker, parent=os.getpid()),
       )
     it = iter(ds)
     try:

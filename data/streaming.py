@@ -8,6 +8,7 @@ iterator state that the trainer stores in the checkpoint and hands back through 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -211,7 +212,9 @@ class StreamingPipeline:
     ds = self._documents(spec, train=train).map(_Tokenize(self._tok_spec))
     if train and self._workers:
       options = grain.MultiprocessingOptions(num_workers=self._workers)
-      ds = ds.mp_prefetch(options, worker_init_fn=init_worker)
+      ds = ds.mp_prefetch(
+        options, worker_init_fn=functools.partial(init_worker, parent=os.getpid())
+      )
     row = {"tokens": self.seq_len + 1}
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=row)
     return ds.batch(len(self.local_rows), drop_remainder=True).map(_to_example)

@@ -199,6 +199,13 @@ def test_workers_exit_when_their_reader_is_killed(prepared, tmp_path):
   for pid in filter(is_running, workers):  # Leave nothing behind, even when the test fails.
     os.kill(pid, signal.SIGKILL)
   assert gone
+  # A worker still starting when its trainer died runs init_worker with the trainer gone: it
+  # must leave at once (here its parent is this test, not the pid it was given).
+  late = "import time; from data.batching import init_worker; init_worker(parent=1); time.sleep(60)"
+  done = subprocess.run(
+    [sys.executable, "-c", late], cwd=Path(__file__).parents[1], capture_output=True, timeout=50
+  )
+  assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr
 
 
 def _document_names(rows):
