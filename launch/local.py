@@ -195,6 +195,7 @@ def run(
         sig = received[forwarded]
         forwarded += 1
         if forwarded > 1:  # A second signal means: stop now.
+          printer.write("[launch] a second signal: SIGKILL to all processes\n")
           _signal_all(procs, signal.SIGKILL)
         else:
           printer.write(f"[launch] forwarding {signal.Signals(sig).name} to all processes\n")
@@ -203,7 +204,10 @@ def run(
           # time a cloud VM would give them, not just the crash grace.
           stop_deadline = time.monotonic() + max(grace_s, PREEMPTION_GRACE_S)
       codes = [p.poll() for p in procs]
-      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+      # After a forwarded Ctrl-C, exit status 130 is each trainer's answer (it saved), not a
+      # failure to stop the others for: they are finishing the same save.
+      done = (None, 0, 130) if received[:1] == [signal.SIGINT] else (None, 0)
+      failed = [(i, c) for i, c in enumerate(codes) if c not in done]
       if failed:
         i, code = failed[0]
         failure = _exit_status(code)

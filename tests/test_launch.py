@@ -52,9 +52,17 @@ time.sleep(300)
 print("woke up", flush=True)
 """
 
-_SIGTERM_PAYLOAD = """
-import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(0)))
+_SIGNAL_PAYLOAD = """
+import os, signal, sys, time
+def stop(signum, _):
+  print("got", signal.Signals(signum).name, flush=True)
+  if signum == signal.SIGINT:  # As the trainer: save (process 1 takes longer), then exit 130.
+    time.sleep(2 * int(os.environ["LLAMA_PROCESS_ID"]))
+    print("saved", flush=True)
+    sys.exit(130)
+  sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
 print("ready", flush=True)
 time.sleep(60)
 """
@@ -110,9 +118,11 @@ def test_one_failing_process_stops_the_others_quickly(tmp_path):
       os.kill(pid, 0)
 
 
-def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_to_the_launcher_reaches_every_process(tmp_path, sig, code):
+  """After a Ctrl-C, a process that exits 130 first is not a failure: the others finish saving."""
   script = tmp_path / "payload.py"
-  script.write_text(_SIGTERM_PAYLOAD)
+  script.write_text(_SIGNAL_PAYLOAD)
   cmd = [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=1", "--"]
   proc = subprocess.Popen(
     [*cmd, sys.executable, str(script)],
@@ -128,13 +138,16 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
       assert line, "launcher ended before both processes were ready"
       if line.endswith("ready\n"):
         ready.add(line.split()[0])
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=20)
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 0, out
-  assert "[p0] got SIGTERM" in out and "[p1] got SIGTERM" in out
+  assert proc.returncode == code, out
+  assert f"[p0] got {sig.name}" in out and f"[p1] got {sig.name}" in out
+  assert "stopping the others" not in out
+  if sig == signal.SIGINT:
+    assert "[p1] saved" in out
 
 
 def test_child_env_replaces_the_device_count_and_keeps_other_flags():

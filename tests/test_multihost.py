@@ -138,6 +138,7 @@ def test_a_stream_resumes_exactly_on_two_hosts(tmp_path):
   proc.send_signal(signal.SIGINT)  # What the launcher gets from a Ctrl-C in its terminal.
   out = finish(proc, code=130)
   assert out.count("Interrupted (Ctrl-C): saved step") == 2, out[-3000:]
+  assert "stopping the others" not in out  # Each host exits 130 on its own; none failed.
   (step,) = [p.name for p in (stopped / "checkpoints").iterdir() if p.name.isdigit()]
   assert int(step) < 16
   data = json.loads((stopped / "checkpoints" / step / "data" / "metadata").read_text())
