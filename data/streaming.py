@@ -198,7 +198,7 @@ class StreamingPipeline:
     if self.source == "text":
       files = expand_input(spec, "data.path" if spec == self.path else "data.eval_path")
       return FileDocuments(files, self.text_field, self.shard, self.num_shards, seed, repeat=train)
-    data = open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec)
+    data = self._open(spec)
     if len(data) == 0:
       raise ValueError(f"{spec!r} is empty; pick another split or dataset.")
     example_field(data[0], self.text_field, spec)  # A wrong data.text_field fails here, once.
@@ -207,6 +207,9 @@ class StreamingPipeline:
       ds = ds.shuffle(int(seed) % 2**32).repeat()
     ds = ds.map(_Text(self.text_field)).filter(_non_empty)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+
+  def _open(self, spec: str) -> Any:
+    return open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec)
 
   def _batches(self, spec: str, *, train: bool) -> grain.IterDataset:
     ds = self._documents(spec, train=train).map(_Tokenize(self._tok_spec))
@@ -298,7 +301,7 @@ class StreamingPipeline:
     for split in ("validation", "test"):
       try:
         spec = with_split(f"{self.source}:{self.path.removeprefix(self.source + ':')}", split)
-        (open_tfds(spec, self.data_dir) if self.source == "tfds" else open_hf(spec))
+        self._open(spec)
         return spec
       except (FileNotFoundError, ValueError, KeyError):
         continue
