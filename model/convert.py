@@ -5,7 +5,8 @@ python -m model.hf export --checkpoint=ckpt/llama1b --output=hf/llama1b [--overw
 
 Both refuse an --output that is a file or a directory with files in it; export's --overwrite then
 replaces the Hugging Face model files there (weights, shard index, config.json,
-generation_config.json, tokenizer files) and leaves any other file alone.
+generation_config.json, tokenizer files) and leaves any other file alone. An import keeps the HF
+dir's token ids, tokenizer and generation config in the params dir; an export of it writes them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from model.hf import is_scanned, load_hf, save_hf
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
+# Where an import keeps what the Hugging Face dir held beyond the weights (its config.json's token
+# ids, tokenizer and generation config), for an export of the params dir to write back.
+HF_FILES_DIR = "hf_files"
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # What an export writes, and what an earlier model's files there would mislead a reader with (an
 # old generation_config.json's eos ids, an old tokenizer, a shard index naming old shards).
 _HF_MODEL_FILES = (
@@ -103,11 +108,38 @@ def load_params_dir(params_dir: str) -> tuple[ModelConfig, dict[str, Any]]:
   return config, params
 
 
+def _keep_hf_files(hf_dir: str, params_dir: str) -> None:
+  """Copies the HF dir's token ids, tokenizer and generation config into params_dir/hf_files."""
+  keep = os.path.join(params_dir, HF_FILES_DIR)
+  os.makedirs(keep)
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hf_config = json.load(f)
+  ids = {k: hf_config[k] for k in _TOKEN_ID_KEYS if hf_config.get(k) is not None}
+  with open(os.path.join(keep, "token_ids.json"), "w") as f:
+    json.dump(ids, f, indent=2)
+  for name in _HF_MODEL_FILES:
+    if name != "config.json" and os.path.isfile(os.path.join(hf_dir, name)):
+      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(keep, name))
+
+
+def _kept_hf_files(params_dir: str, staging: str) -> dict[str, Any]:
+  """Copies what _keep_hf_files kept into `staging`; returns the token ids for config.json."""
+  keep = os.path.join(params_dir, HF_FILES_DIR)
+  if not os.path.isdir(keep):
+    return {}
+  for name in os.listdir(keep):
+    if name in _HF_MODEL_FILES:
+      shutil.copyfile(os.path.join(keep, name), os.path.join(staging, name))
+  with open(os.path.join(keep, "token_ids.json")) as f:
+    return json.load(f)
+
+
 def _import(args: argparse.Namespace) -> None:
   check_output(os.path.abspath(args.output))  # Before reading what may be gigabytes of weights.
   config, params = load_hf(args.hf_dir, scan_layers=args.scan_layers, dtype=args.dtype)
   log.info("Read %s: %s parameters", args.hf_dir, f"{config.num_params():,}")
   save_params_dir(config, params, args.output)
+  _keep_hf_files(args.hf_dir, os.path.abspath(args.output))
   log.info("Wrote params to %s", args.output)
 
 
@@ -133,7 +165,7 @@ def _export(args: argparse.Namespace) -> None:
   # Written beside --output first: a failed or killed export leaves what was there untouched.
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.export-", dir=os.path.dirname(out))
   try:
-    extra = {}
+    extra = _kept_hf_files(args.checkpoint, staging)  # From an imported params dir.
     tokenizer_dir = os.path.join(args.checkpoint, "tokenizer")  # A training run saves it there.
     if os.path.isdir(tokenizer_dir):
       from data.hf_tokenizer import save_for_transformers

@@ -237,11 +237,17 @@ def test_not_a_llama_dir_raises_one_clear_sentence(tmp_path, setup, match):
 
 
 def test_cli_import_export_round_trip(tmp_path, monkeypatch):
-  src = _saved(tmp_path / "hf", GQA)
+  src = _saved(tmp_path / "hf", {**GQA, "bos_token_id": 5, "eos_token_id": [6, 7]})
+  (tmp_path / "hf" / "tokenizer.json").write_text('{"stand-in": 1}')
   main(["import", f"--hf_dir={src}", f"--output={tmp_path / 'params'}"])
   config, params = load_params_dir(str(tmp_path / "params"))
   assert config.scan_layers and config.rope_scaling is not None
   main(["export", f"--checkpoint={tmp_path / 'params'}", f"--output={tmp_path / 'hf2'}"])
+  # The token ids, tokenizer and generation config come back as they were.
+  hf_config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+  assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (5, [6, 7])
+  for name in ("tokenizer.json", "generation_config.json"):
+    assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
   from safetensors.numpy import load_file
 
   original = load_file(os.path.join(src, "model.safetensors"))
