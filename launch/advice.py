@@ -9,7 +9,17 @@ from typing import Any
 SPARE_HBM_FRACTION = 0.3
 
 
-def advice(config: Any, mesh_shape: dict[str, int]) -> list[str]:
+def _tensor_split(config: Any, mesh_shape: dict[str, int], devices_per_host: int) -> int:
+  """The largest tensor split up to 4 within a host that divides the devices and the heads."""
+  devices = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
+  heads = (config.model.num_heads, config.model.num_kv_heads)
+  for t in (4, 2):
+    if t <= devices_per_host and devices % t == 0 and all(h % t == 0 for h in heads):
+      return t
+  return 1
+
+
+def advice(config: Any, mesh_shape: dict[str, int], devices_per_host: int) -> list[str]:
   """What would make a plan that does not fit fit, most effective first."""
   tips = []
   if config.model.remat != "full":
@@ -25,8 +35,9 @@ def advice(config: Any, mesh_shape: dict[str, int]) -> list[str]:
       f"smaller microbatches: --config.grad_accum_steps={2 * config.grad_accum_steps} (same "
       f"global batch) or --config.global_batch_size={config.global_batch_size // 2}"
     )
-  if mesh_shape["tensor"] == 1:
-    tips.append("split activations over heads too: --config.mesh.tensor=4 (within a host)")
+  tensor = _tensor_split(config, mesh_shape, devices_per_host)
+  if mesh_shape["tensor"] == 1 and tensor > 1:
+    tips.append(f"split activations over heads too: --config.mesh.tensor={tensor} (within a host)")
   if int(config.loss_chunk_size) == 0:
     tips.append("chunk the loss: --config.loss_chunk_size=512")
   tips.append("a larger topology or more slices (--slices=N)")

@@ -29,6 +29,7 @@ from trainer import tpu_flags  # noqa: E402
 tpu_flags.init_args()
 
 import json  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -108,7 +109,7 @@ def plan(
   if compare_loss_chunking:
     result["loss_chunking"] = _compare_chunking(config, devices, hbm, main.peak_bytes)
   if not main.fits:
-    result["advice"] = advice(config, mesh_shape)
+    result["advice"] = advice(config, mesh_shape, math.prod(topology.chips_per_host_bounds))
     result.update(notes=notes, total_s=round(time.perf_counter() - t_start, 2))
     return result
   cost, probe_s = main.cost, 0.0
@@ -268,16 +269,36 @@ def search(
   return fitting + [r for r in results if not r["fits"]]
 
 
-def _parse_meshes(specs: list[str]) -> tuple[tuple[int, int, int], ...]:
-  try:
-    meshes = tuple(tuple(int(x) for x in s.split("x")) for s in specs)
-  except ValueError:
-    meshes = ()
-  if not meshes or any(len(m) != 3 for m in meshes):
+def search_space(meshes: list[str], remats: list[str], batches: list[str]) -> dict[str, Any]:
+  """The --search_* flags -> `search` keyword arguments; a bad value is one ValueError."""
+  from model.config import REMAT_POLICIES  # noqa: PLC0415
+
+  def ints(spec: str) -> tuple[int, ...]:
+    try:
+      return tuple(int(x) for x in spec.split("x"))
+    except ValueError:
+      return ()
+
+  parsed = tuple(ints(s) for s in meshes)
+  if not parsed or any(
+    len(m) != 3 or m.count(-1) > 1 or any(x == 0 or x < -1 for x in m) for m in parsed
+  ):
     raise ValueError(
-      f"--search_meshes={','.join(specs)} must be DATAxFSDPxTENSOR items, e.g. 1x-1x2."
+      f"--search_meshes={','.join(meshes)} must be DATAxFSDPxTENSOR items of positive sizes "
+      "(one may be -1, the rest of the devices), e.g. 1x-1x2."
     )
-  return meshes
+  unknown = [r for r in remats if r not in REMAT_POLICIES]
+  if not remats or unknown:
+    raise ValueError(
+      f"--search_remats={','.join(remats)} names unknown policies; use some of "
+      f"{', '.join(REMAT_POLICIES)}."
+    )
+  rows = [b for b in batches if b.isdigit() and int(b) > 0]
+  if not batches or len(rows) != len(batches):
+    raise ValueError(
+      f"--search_batches={','.join(batches)} must be positive whole rows per device, e.g. 1,2,4."
+    )
+  return dict(meshes=parsed, remats=tuple(remats), per_device_batches=tuple(map(int, rows)))
 
 
 def run(
@@ -337,11 +358,7 @@ def main() -> None:
       loaded = load_config(config)
       space = None
       if do_search.value:
-        space = dict(
-          meshes=_parse_meshes(meshes.value),
-          remats=tuple(remats.value),
-          per_device_batches=tuple(int(b) for b in batches.value),
-        )
+        space = search_space(meshes.value, remats.value, batches.value)
       code = run(loaded, topology.value, slices.value, compare.value, space, full_depth.value)
     except (ValueError, MeshError, topo_lib.TopologyError) as e:
       if os.environ.get("LLAMA_TRACEBACK"):

@@ -204,6 +204,34 @@ def test_hints_follow_remat_and_memory():
   assert advice_lib.hints(dots, 4 * gib, 95 * gib) == []
 
 
+def test_advice_splits_heads_only_where_a_host_and_the_heads_allow():
+  config = _config()  # 4 heads, 2 KV heads.
+  one_chip = advice_lib.advice(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices_per_host=1)
+  assert not any("mesh.tensor" in tip for tip in one_chip)
+  assert not any("mesh.data=1" in tip for tip in one_chip)
+  host = advice_lib.advice(config, {"data": 1, "fsdp": 8, "tensor": 1}, devices_per_host=8)
+  assert any("--config.mesh.tensor=2 (within a host)" in tip for tip in host)
+
+
+@pytest.mark.parametrize(
+  "meshes, remats, batches, match",
+  [
+    (["1x-1"], ["full"], ["1"], "--search_meshes=1x-1 must be DATAxFSDPxTENSOR"),
+    (["-1x-1x1"], ["full"], ["1"], "one may be -1"),
+    (["1x0x1"], ["full"], ["1"], "positive sizes"),
+    (["1x-1x1"], ["full", "dot"], ["1"], "--search_remats=full,dot names unknown policies"),
+    (["1x-1x1"], ["full"], ["1", "x"], "--search_batches=1,x must be positive whole rows"),
+    (["1x-1x1"], ["full"], ["0"], "positive whole rows"),
+  ],
+)
+def test_search_flags_are_checked_before_any_compile(meshes, remats, batches, match):
+  with pytest.raises(ValueError, match=re.escape(match)):
+    plan_lib.search_space(meshes, remats, batches)
+  assert plan_lib.search_space(["1x-1x2", "2x-1x1"], ["dots"], ["1", "4"]) == dict(
+    meshes=((1, -1, 2), (2, -1, 1)), remats=("dots",), per_device_batches=(1, 4)
+  )
+
+
 def test_auto_attention_plans_splash_with_heads_split_over_tensor():
   # head_dim 64 and seq 128 are shapes splash takes; its kernel is traced for the compile-only
   # TPU devices, inside shard_map (heads over `tensor`), with no concrete mask tables.
