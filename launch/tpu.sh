@@ -202,17 +202,18 @@ cmd_create() {
 
 cmd_setup() {
   need_target
-  local tmp
-  tmp=$(mktemp -d)
-  # shellcheck disable=SC2064  # expand now: the path is local to this function
-  trap "rm -rf '$tmp'" EXIT
-  local tarball="$tmp/$TARBALL"
+  local tmp tarball
   # The working tree as git sees it (edits and new files included, .venv and runs/ not), so what
   # runs on the pod is what you see here.
   if [[ ${DRY_RUN:-0} != 0 ]]; then
+    tarball="${TMPDIR:-/tmp}/$TARBALL" # Not a temporary dir removed on exit: the commands name it.
     echo "git -C $(quote "$ROOT") ls-files -z --cached --others --exclude-standard" \
       "| tar -C $(quote "$ROOT") -czf $(quote "$tarball") --null -T -"
   else
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064  # expand now: the path is local to this function
+    trap "rm -rf '$tmp'" EXIT
+    tarball="$tmp/$TARBALL"
     (
       cd "$ROOT"
       git ls-files -z --cached --others --exclude-standard |
@@ -308,9 +309,15 @@ cmd_tensorboard() {
     ssh_workers 0 0 "$PY -m tensorboard.main --logdir=$(quote "$LOGDIR") --port=$PORT" \
       -L "$PORT:localhost:$PORT"
   else
-    # Reading gs:// needs your gcloud application-default credentials (and tensorflow, which
-    # the project's environment has).
-    run tensorboard --logdir="$LOGDIR" --port="$PORT"
+    # Reading gs:// needs your gcloud application-default credentials and tensorflow: the
+    # project's environment (`make train` or `make test` makes .venv) has both.
+    local tb="$ROOT/.venv/bin/tensorboard"
+    if [[ ! -x $tb ]]; then
+      tb=$(command -v tensorboard) || [[ ${DRY_RUN:-0} != 0 ]] ||
+        die "no tensorboard: run 'make test' here to make .venv, or pip install tensorboard"
+      tb=${tb:-tensorboard}
+    fi
+    run "$tb" --logdir="$LOGDIR" --port="$PORT"
   fi
 }
 

@@ -65,6 +65,7 @@ def test_setup_copies_the_tree_to_every_worker_and_installs():
   cmds = _commands(_tpu_sh("setup", *TARGET))
   scp = next(c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "queued-resources", "scp"])
   assert scp[5].endswith(".tar.gz") and scp[6] == "run1:llama3-jax.tar.gz"
+  assert os.path.isdir(os.path.dirname(scp[5]))  # Not a temporary dir gone when the script ends.
   ssh = cmds[-1]
   assert ssh[4] == "ssh" and _flag(ssh, "--worker") == "all" and _flag(ssh, "--node") == "all"
   remote = _flag(ssh, "--command")
@@ -139,7 +140,8 @@ def test_logs_stop_status_tensorboard_delete():
   status = _commands(_tpu_sh("status", *TARGET))
   assert status[0][4:6] == ["describe", "run1"]
   (tb,) = _commands(_tpu_sh("tensorboard", "--logdir=gs://b/run1"))
-  assert tb == ["tensorboard", "--logdir=gs://b/run1", "--port=6006"]
+  venv_tb = TPU_SH.parent.parent / ".venv" / "bin" / "tensorboard"  # `make test` made it.
+  assert tb == [str(venv_tb), "--logdir=gs://b/run1", "--port=6006"] and venv_tb.exists()
   (tunnel,) = _commands(_tpu_sh("tensorboard", *TARGET, "--logdir=gs://b/run1", "--remote"))
   assert tunnel[-2:] == ["-L", "6006:localhost:6006"] and _flag(tunnel, "--worker") == "0"
   (delete,) = _commands(_tpu_sh("delete", *TARGET))
