@@ -238,7 +238,7 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
       bar.update(chunk_stats["num_bytes"])
       if source.num_examples and source.total_bytes is None:
         # A dataset of known length: the total (so the ETA) from the bytes per example so far.
-        read += len(lengths) + chunk_stats["num_empty"] + chunk_stats["num_bad_lines"]
+        read += len(lengths) + chunk_stats["num_empty"] + chunk_stats["num_not_text"]
         bar.total = round(bar.n / max(read, 1) * source.num_examples)
       is_eval = eval_documents(np.arange(num_docs, num_docs + len(lengths)), frac)
       num_docs += len(lengths)
@@ -257,7 +257,8 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
     raise ValueError(
       f"--input={input or source.name!r} has no non-empty documents ({stats['num_empty']} empty, "
       f"{stats['num_bad_lines']} bad JSON lines, {stats['num_no_field']} without the text field, "
-      f"{stats['num_binary_files']} binary files); check the path and --text_field."
+      f"{stats['num_not_text']} not text, {stats['num_binary_files']} binary files); check the "
+      "path and --text_field."
     )
   for split in writers:
     writers[split].write(encode_rows(packers[split].finish(), dtypes))
@@ -325,8 +326,9 @@ def _summary(meta: dict[str, Any], output: str) -> str:
     f"{meta[key]} {what}"
     for key, what in (
       ("num_empty", "empty documents"),
-      ("num_bad_lines", "JSON lines that do not parse or whose text is not a string"),
+      ("num_bad_lines", "JSON lines that do not parse"),
       ("num_no_field", "JSON lines without the text field"),
+      ("num_not_text", "texts that are not strings (numbers, lists, objects)"),
       ("num_binary_files", "binary file(s)"),
     )
     if meta[key]

@@ -21,7 +21,7 @@ _BOM = b"\xef\xbb\xbf"
 # Bytes read; documents with invalid UTF-8 (replaced), empty documents, JSON lines that do not
 # parse or whose text is not a string, JSON lines without the text field, binary files skipped.
 STAT_KEYS = (
-  "num_bytes", "num_invalid_utf8", "num_empty", "num_bad_lines", "num_no_field",
+  "num_bytes", "num_invalid_utf8", "num_empty", "num_bad_lines", "num_no_field", "num_not_text",
   "num_binary_files",
 )  # fmt: skip
 
@@ -201,10 +201,10 @@ def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
       if line.strip():
         raw, why, bad = _json_text(line, chunk.text_field)
         stats["num_invalid_utf8"] += bad
-        if why in ("bad", "not_text"):
+        if why == "bad":
           stats["num_bad_lines"] += 1
-        elif why == "no_field":
-          stats["num_no_field"] += 1
+        elif why in ("no_field", "not_text"):
+          stats[f"num_{why}"] += 1
         else:
           raws.append(raw)
   else:
@@ -212,7 +212,7 @@ def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
       if raw is None or isinstance(raw, (str, bytes)):
         raws.append(raw)
       else:  # A number, list or dict where the text should be.
-        stats["num_bad_lines"] += 1
+        stats["num_not_text"] += 1
   docs = []
   for raw in raws:
     text, bad = clean_text(raw)

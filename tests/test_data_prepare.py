@@ -84,12 +84,13 @@ def test_jsonl_gz_and_parquet(tmp_path):
   pq.write_table(
     pa.table({"body": [f"row {i}" for i in range(5)] + [None]}), tmp_path / "b.parquet"
   )
+  pq.write_table(pa.table({"body": [[1, 2], [3]]}), tmp_path / "c.parquet")  # Not text.
   meta = prepare(
     str(tmp_path / "*.*"), str(tmp_path / "out"), seq_len=32, text_field="body", num_workers=0,
     eval_fraction=0, chunk_bytes=100,
   )  # fmt: skip
   assert meta["num_documents"] == 20 + 1 + 5
-  assert meta["num_bad_lines"] == 1 and meta["num_empty"] == 2
+  assert meta["num_bad_lines"] == 1 and meta["num_empty"] == 2 and meta["num_not_text"] == 2
   assert meta["num_invalid_utf8"] == 1  # The lone surrogate, replaced.
   got = sorted(
     load_tokenizer(str(tmp_path / "out")).decode(d)
@@ -221,10 +222,11 @@ def test_json_gz_binary_and_odd_lines(tmp_path):
   out = str(tmp_path / "out")
   meta = prepare(str(d), out, seq_len=16, num_workers=0, eval_fraction=0)
   assert meta["num_documents"] == 7
-  assert (meta["num_bad_lines"], meta["num_no_field"], meta["num_binary_files"]) == (3, 2, 1)
+  counts = ("num_bad_lines", "num_no_field", "num_not_text", "num_binary_files")
+  assert tuple(meta[k] for k in counts) == (1, 2, 2, 1)
   assert _summary(meta, out).endswith(
-    "; skipped 3 JSON lines that do not parse or whose text is not a string, 2 JSON lines "
-    "without the text field, 1 binary file(s)"
+    "; skipped 1 JSON lines that do not parse, 2 JSON lines without the text field, 2 texts that "
+    "are not strings (numbers, lists, objects), 1 binary file(s)"
   )
   tok = load_tokenizer(out)
   assert sorted(tok.decode(x) for x in _documents(out, "train")) == sorted(
