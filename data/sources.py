@@ -229,17 +229,16 @@ def read_chunk(chunk: Chunk) -> tuple[list[str], dict[str, int]]:
 def expand_input(pattern: str, flag: str = "--input") -> list[str]:
   """Sorted files matching a glob (or several, comma-separated); a dir means every file in it.
 
-  An existing path is taken as it is, even with glob characters or commas in its name. A file
-  reached twice (through symlinks) is read once. `flag` is the setting to name when nothing
-  matches.
+  An existing path is taken as it is, even with glob characters or commas in its name, and so is
+  the existing directory a glob starts from (`corpus[2024]/*.txt`). A file reached twice (through
+  symlinks) is read once. `flag` is the setting to name when nothing matches.
   """
   expanded = os.path.expanduser(pattern)
   parts = [expanded] if os.path.exists(expanded) else pattern.split(",")
   paths: set[str] = set()
   for part in (os.path.expanduser(p.strip()) for p in parts if p.strip()):
     is_dir = os.path.isdir(part)
-    if os.path.exists(part):
-      part = glob.escape(part)
+    part = _escape_existing(part)
     if is_dir:
       part = os.path.join(part, "**", "*")
     paths.update(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
@@ -251,6 +250,20 @@ def expand_input(pattern: str, flag: str = "--input") -> list[str]:
   for p in sorted(paths):
     unique.setdefault(os.path.realpath(p), p)
   return sorted(unique.values())
+
+
+def _escape_existing(pattern: str) -> str:
+  """`pattern` with its longest leading path that exists escaped: glob characters there (a
+  directory 'corpus[2024]') are part of a name, not a pattern."""
+  head, tail = pattern, ""
+  while head and not os.path.exists(head):
+    up, name = os.path.split(head)
+    if up == head:
+      return pattern
+    head, tail = up, os.path.join(name, tail) if tail else name
+  if not head:
+    return pattern
+  return os.path.join(glob.escape(head), tail) if tail else glob.escape(head)
 
 
 class Source:

@@ -262,6 +262,9 @@ def test_byte_order_marks_odd_paths_and_symlinks(tmp_path):
   (d / "c.txt").write_bytes(bom + b"a text file")
   os.symlink(d / "c.txt", d / "sub" / "again.txt")
   assert expand_input(str(d)) == [str(d / f) for f in ("a.jsonl", "b.json", "c.txt")]
+  # A glob below such a directory: its name is literal, the part after it a pattern.
+  assert expand_input(str(d / "*.json*")) == [str(d / f) for f in ("a.jsonl", "b.json")]
+  assert expand_input(str(d / "*" / "*.txt")) == [str(d / "sub" / "again.txt")]
   out = str(tmp_path / "out")
   meta = prepare(str(d), out, seq_len=16, num_workers=0, eval_fraction=0)
   assert (meta["num_documents"], meta["num_bad_lines"]) == (4, 0)
