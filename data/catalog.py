@@ -55,6 +55,22 @@ def open_tfds(spec: str, data_dir: str = "") -> Any:
     ) from e
 
 
+def parse_hf(spec: str) -> tuple[str, str | None, str]:
+  """'hf:NAME[:CONFIG][:SPLIT]' or 'hf:DIR[:SPLIT]' (a saved dataset) -> (NAME or DIR, CONFIG,
+  SPLIT); the split is '' where the spec names none. A DIR is a directory that exists."""
+  rest = spec.removeprefix("hf:")
+  head, _, split = rest.rpartition(":")
+  if os.path.isdir(rest):
+    return rest, None, ""
+  if os.path.isdir(head):
+    return head, None, split
+  parts = rest.split(":")
+  if len(parts) > 3:
+    raise ValueError(f"{spec!r} is not 'hf:NAME[:CONFIG]:SPLIT'.")
+  config = parts[1] if len(parts) == 3 else None
+  return parts[0], config, parts[-1] if len(parts) > 1 else ""
+
+
 def open_hf(spec: str) -> Any:
   """A random-access HF dataset: 'hf:NAME[:CONFIG]:SPLIT' from the local cache, or a saved dir."""
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # Run time never touches the network.
@@ -62,41 +78,27 @@ def open_hf(spec: str) -> Any:
     import datasets
   except ImportError as e:
     raise ImportError("HF datasets need the optional extra: pip install -e '.[hf]'.") from e
-  rest = spec.removeprefix("hf:")
-  head, _, split = rest.rpartition(":")
-  if os.path.isdir(rest) or os.path.isdir(head):
-    directory, split = (rest, "") if os.path.isdir(rest) else (head, split)
-    ds = datasets.load_from_disk(directory)
-    if isinstance(ds, datasets.DatasetDict):
-      split = split or "train"
-      if split not in ds:
-        raise ValueError(
-          f"{directory} holds the splits {', '.join(ds)}, not {split!r}; name one "
-          f"(hf:{directory}:SPLIT)."
-        )
-      return ds[split]
-    if split:
+  name, config, split = parse_hf(spec)
+  if not os.path.isdir(name):
+    return datasets.load_dataset(name, config, split=split or "train")
+  ds = datasets.load_from_disk(name)
+  if isinstance(ds, datasets.DatasetDict):
+    split = split or "train"
+    if split not in ds:
       raise ValueError(
-        f"{directory} is one saved Dataset without splits, so ':{split}' names nothing; use "
-        f"hf:{directory}."
+        f"{name} holds the splits {', '.join(ds)}, not {split!r}; name one (hf:{name}:SPLIT)."
       )
-    return ds
-  parts = rest.split(":")
-  if len(parts) > 3:
-    raise ValueError(f"{spec!r} is not 'hf:NAME[:CONFIG]:SPLIT'.")
-  name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
-  return datasets.load_dataset(name, config, split=split if len(parts) > 1 else "train")
+    return ds[split]
+  if split:
+    raise ValueError(
+      f"{name} is one saved Dataset without splits, so ':{split}' names nothing; use hf:{name}."
+    )
+  return ds
 
 
 def with_split(spec: str, split: str) -> str:
   """The `tfds:` or `hf:` dataset `spec` with `split` in place of its own (or of the default)."""
   if spec.startswith("tfds:"):
     return f"tfds:{parse_tfds(spec)[0]}:{split}"
-  rest = spec.removeprefix("hf:")
-  head = rest.rpartition(":")[0]
-  if os.path.isdir(rest):
-    return f"hf:{rest}:{split}"
-  if os.path.isdir(head):
-    return f"hf:{head}:{split}"
-  parts = rest.split(":")  # NAME, NAME:SPLIT or NAME:CONFIG:SPLIT.
-  return f"hf:{':'.join(parts[:-1] if len(parts) > 1 else parts)}:{split}"
+  name, config, _ = parse_hf(spec)
+  return f"hf:{name}:{config}:{split}" if config else f"hf:{name}:{split}"
