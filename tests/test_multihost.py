@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optax
 
+from model import Llama3
 from tests.common import tiny_config
 from tests.common import train_losses as losses
 from trainer import distributed
@@ -170,3 +172,25 @@ def test_an_error_on_one_host_ends_the_run_with_it(tmp_path):
   assert proc.returncode == 1, out[-3000:]
   assert f"[p1] error: {bad}/config.json does not exist" in out, out[-3000:]
   assert "Fatal Python error" not in out and "Shutdown barrier" not in out, out[-3000:]
+
+
+def test_two_hosts_start_from_a_params_dir_as_one_host_does(tmp_path):
+  """init_from places each host's copy of the loaded parameters straight into their shards: two
+  hosts train on from them exactly as one host does."""
+  import jax
+
+  from model.convert import save_params_dir
+  from trainer import state as state_lib
+
+  config = tiny_config()
+  mcfg = state_lib.model_config(config)
+  params = state_lib.init_state(Llama3(mcfg), optax.sgd(0.0), jax.random.key(7)).params
+  save_params_dir(mcfg, jax.tree.map(np.asarray, params), str(tmp_path / "params"))
+  start = {"init_from": str(tmp_path / "params"), "optimizer.decay_steps": STEPS, **MESH}
+  train_and_evaluate(tiny_config(steps=2, log_every=1, **start), str(tmp_path / "one"))
+  flags = [f"--config.init_from={tmp_path / 'params'}", "--config.steps=2"]
+  out = finish(start_two_hosts(tmp_path / "two", *flags))
+  assert out.count(f"Initialized parameters from {tmp_path / 'params'}") == 2, out[-3000:]
+  want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+  assert sorted(got) == sorted(want) == [1, 2]  # Step 1's loss is the loaded parameters'.
+  np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)

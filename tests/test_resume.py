@@ -290,16 +290,31 @@ def _eval_loss(config, params) -> float:
   return float(total.compute()["eval_loss"])
 
 
-def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path):
+def test_restore_params_and_init_from_carry_the_trained_weights(tmp_path, monkeypatch):
   trained = config(steps=4, eval_every=4, checkpoint_every=2)
   last = train_and_evaluate(trained, str(tmp_path / "a"))
   mcfg, params = restore_params(str(tmp_path / "a"))
   assert mcfg == state_lib.model_config(trained)
   assert _eval_loss(trained, params) == pytest.approx(last["eval_loss"], rel=1e-5)
+  _, on_host = restore_params(str(tmp_path / "a"), on_host=True)  # What init_from reads.
+  assert all(type(x) is np.ndarray for x in jax.tree.leaves(on_host))
+  jax.tree.map(np.testing.assert_array_equal, on_host, params)
   # A new run started from it: its first step has learning rate 0 (warmup), so its eval after
   # step 1 is the trained model's eval, and its step counter starts again from 0.
   fresh = config(steps=1, eval_every=1, init_from=str(tmp_path / "a"))
+  # The loaded parameters stay on the host until they go to their shards (no device holds the
+  # whole model), and no random state is built to be thrown away.
+  placed, random_inits = [], []
+  with_params, create = state_lib.with_params, state_lib.create_sharded_state
+  monkeypatch.setattr(
+    state_lib, "with_params", lambda p, *a: placed.extend(jax.tree.leaves(p)) or with_params(p, *a)
+  )
+  monkeypatch.setattr(
+    state_lib, "create_sharded_state", lambda *a: random_inits.append(1) or create(*a)
+  )
   first = train_and_evaluate(fresh, str(tmp_path / "b"))
+  monkeypatch.undo()
+  assert placed and all(type(x) is np.ndarray for x in placed) and not random_inits
   assert first["learning_rate"] == 0.0
   assert first["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
   assert sorted(losses(tmp_path / "b")) == [1]

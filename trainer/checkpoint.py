@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -277,10 +278,13 @@ def _quiet_unraisable() -> Iterator[None]:
       sys.unraisablehook = hook
 
 
-def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, Any]:
+def restore_params(
+  workdir: str, step: int | None = None, *, on_host: bool = False
+) -> tuple[ModelConfig, Any]:
   """(ModelConfig, params) of a training run's newest (or given) checkpoint, on this host.
 
-  Only the parameters are read (not the optimizer moments), onto the first local device.
+  Only the parameters are read (not the optimizer moments), onto the first local device, or
+  with `on_host` into numpy arrays (for a caller that places them itself).
   """
   import flax.linen as nn  # noqa: PLC0415
 
@@ -326,6 +330,8 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[ModelConfig, 
     )
   }
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  if on_host:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   args = ocp.args.Composite(
     state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
   )

@@ -116,10 +116,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       ckpt.close()
       return {}
   else:
-    state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
     start_step = 0
-    if config.init_from:
-      state = state_lib.init_from(config.init_from, mcfg, state, tx, shardings)
+    if config.init_from:  # No random state to build and throw away: the params come from there.
+      state = state_lib.init_from(config.init_from, mcfg, tx, shardings)
+    else:
+      state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
   if lead:  # Steps logged after the restored one (all, from scratch) are trained again.
     dropped = truncate_jsonl(str(workdir / "metrics.jsonl"), start_step)
     if dropped:

@@ -9,6 +9,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -122,19 +123,20 @@ def create_sharded_state(
   return state, shardings
 
 
-def with_params(
-  state: TrainState, params: Any, tx: optax.GradientTransformation, shardings: TrainState
-) -> TrainState:
-  """A state with new parameters and a fresh optimizer (for `init_from`)."""
+def with_params(params: Any, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """A state with `params` (host arrays, any placement) and a fresh optimizer (`init_from`)."""
   fn = jax.jit(
     lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
     out_shardings=shardings,
   )
+  # Host arrays go straight to their shards: no device ever holds the whole model.
   params = jax.device_put(params, shardings.params)
   return fn(params)
 
 
-def init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any:
+def init_from(
+  path: str, mcfg: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
   """A fresh optimizer over parameters from an HF directory, a params dir, or another run."""
   p = epath.Path(path)
   if (p / "config.json").exists() and any(p.glob("*.safetensors*")):
@@ -148,7 +150,7 @@ def init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any:
   else:
     from trainer.checkpoint import restore_params  # noqa: PLC0415
 
-    loaded_cfg, params = restore_params(path)
+    loaded_cfg, params = restore_params(path, on_host=True)
   from model.hf import stack_layers, unstack_layers  # noqa: PLC0415
   from trainer.checkpoint import CheckpointMismatchError, shape_mismatch  # noqa: PLC0415
 
@@ -163,5 +165,6 @@ def init_from(path: str, mcfg: Any, state: Any, tx: Any, shardings: Any) -> Any:
       "set --config.model values to match it."
     )
   logging.info("Initialized parameters from %s.", path)
-  params = jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), params, state.params)
-  return with_params(state, params, tx, shardings)
+  shapes = jax.eval_shape(lambda r: nn.unbox(_init_params(Llama3(mcfg), r)), jax.random.key(0))
+  params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, shapes)
+  return with_params(params, tx, shardings)
