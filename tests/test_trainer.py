@@ -173,16 +173,35 @@ def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, c
     writer, board = create_writers(workdir)
     write = writer.write_scalars
     writer.write_scalars = lambda step, scalars: (
-      written.append((step, scalars)),
+      written.append((step, {**scalars, "drawn": len(drawn)})),
       write(step, scalars),
     )
     return writer, board
 
+  drawn = []  # Batches the loop has taken when each train metrics line is written.
+
+  def counting_pipeline(config, mesh):
+    pipeline = create_pipeline(config, mesh)
+    train_batches = pipeline.train_batches
+
+    def counted(start_step):
+      for batch in train_batches(start_step):
+        drawn.append(1)
+        yield batch
+
+    pipeline.train_batches = counted
+    return pipeline
+
   monkeypatch.setattr(loop, "create_writers", recording_writers)
+  monkeypatch.setattr(loop, "create_pipeline", counting_pipeline)
   with caplog.at_level(logging.INFO):
     train_and_evaluate(config, "run")
   # Step 6 logs and evaluates: each eval_loss is written once, and no dict changed after.
   assert [step for step, scalars in written if "eval_loss" in scalars] == [3, 6]
+  # Steps 2 and 4 only log, so the next step was dispatched (its batch taken) before their
+  # metrics were read: the device does not wait for a log line. Step 6 is the last.
+  logged = [(step, scalars["drawn"]) for step, scalars in written if "loss" in scalars]
+  assert logged == [(2, 3), (4, 5), (6, 6)]
   # The kernel that ran, as the model selected it (XLA on CPU, whatever model.attention says).
   assert "Attention: xla (blockwise causal attention" in caplog.text
   # The console shows progress: one line per logged step with the rate and the time left.

@@ -151,8 +151,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     with mesh_context(mesh):
       compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    tokens_per_step = config.global_batch_size * config.seq_len
-    model_flops = flops.model_flops_per_token(mcfg, config.seq_len) * tokens_per_step
+    tokens = config.global_batch_size * config.seq_len
+    model_flops = flops.model_flops_per_token(mcfg, config.seq_len) * tokens
     xla_flops = _xla_flops(compiled)
     logging.info(
       "Compiled the train step in %.1f s. Model FLOPs/step %.3e; XLA's count %s%s.",
@@ -191,6 +191,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
           first_profile=config.profile_start_step,
         )
       )
+    log_to = (config, mcfg, mesh.size, peak, writer)
     watchdog = Watchdog(config.watchdog_timeout_s)
     sampler = _Sampler(config, model, tokenizer, writer) if config.sample_every else None
 
@@ -200,6 +201,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     paused = 0.0  # Seconds of the window spent evaluating, sampling and saving, not training.
     last: dict[str, float] = {}
     step = start_step
+    log_due = 0  # A step to log once its metrics are in: read after the next step's dispatch.
     while step < config.steps:
       state, metrics = compiled(state, batch)
       step += 1
@@ -211,32 +213,27 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       watchdog.beat(step)
       preempted = preemption.reached(step)
       log = step % config.log_every == 0 or step == config.steps or preempted
-      boundary = (
-        log
+      # Saving, evaluating and sampling need this step's state, so they wait for it; a log line
+      # alone does not: it is written after the next step is dispatched.
+      sync = (
+        step == config.steps
+        or preempted
         or (config.eval_every and step % config.eval_every == 0)
         or (config.checkpoint_every and step % config.checkpoint_every == 0)
         or (config.sample_every and step % config.sample_every == 0)
       )
-      if boundary:
+      if log_due:
+        last = _log_window(log_due, window, time.perf_counter() - window_start - paused, log_to)
+        window, window_start, paused = {k: [] for k in window}, time.perf_counter(), 0.0
+        log_due = 0
+      if log and not sync:
+        log_due, log = step, False
+      if sync:
         _check_and_collect(pending, window)
         pending = None
       if log:  # A preempted run logs its partial window: a resume starts a new one.
-        elapsed = time.perf_counter() - window_start - paused
-        n = len(window["loss"])
-        tokens_per_sec = sum(window["num_tokens"]) and tokens_per_step * n / elapsed
-        last = {
-          "loss": float(np.mean(window["loss"])),
-          "learning_rate": window["learning_rate"][-1],
-          "grad_norm": float(np.mean(window["grad_norm"])),
-          "tokens_per_sec": tokens_per_sec,
-          "mfu": flops.mfu(tokens_per_sec, mcfg, config.seq_len, mesh.size, peak),
-        }
-        if config.z_loss:
-          last["z_loss"] = float(np.mean(window["z_loss"]))
-        writer.write_scalars(step, dict(last))  # The async writer reads it later.
-        _log_progress(step, config.steps, last, elapsed / max(n, 1))
-        window = {k: [] for k in window}
-        window_start, paused = time.perf_counter(), 0.0
+        last = _log_window(step, window, time.perf_counter() - window_start - paused, log_to)
+        window, window_start, paused = {k: [] for k in window}, time.perf_counter(), 0.0
       pause_start = time.perf_counter()
       # Save first: an evaluation or sample that fails then loses no training.
       if (
@@ -284,6 +281,28 @@ def _restore_data_position(pipeline: Any, data_state: dict[str, Any]) -> None:
     positions = [data_state.get("iterator") or {}]
   if any(positions):
     pipeline.restore(positions)
+
+
+def _log_window(
+  step: int, window: dict[str, list[float]], elapsed: float, log_to: tuple[Any, ...]
+) -> dict[str, float]:
+  """Writes and prints the metrics of the steps in `window` (ending at `step`, `elapsed` seconds
+  of training); returns them."""
+  config, mcfg, num_devices, peak, writer = log_to
+  n = len(window["loss"])
+  tokens = sum(window["num_tokens"]) and config.global_batch_size * config.seq_len * n
+  metrics = {
+    "loss": float(np.mean(window["loss"])),
+    "learning_rate": window["learning_rate"][-1],
+    "grad_norm": float(np.mean(window["grad_norm"])),
+    "tokens_per_sec": tokens / elapsed,
+    "mfu": flops.mfu(tokens / elapsed, mcfg, config.seq_len, num_devices, peak),
+  }
+  if config.z_loss:
+    metrics["z_loss"] = float(np.mean(window["z_loss"]))
+  writer.write_scalars(step, dict(metrics))  # The async writer reads it later.
+  _log_progress(step, config.steps, metrics, elapsed / max(n, 1))
+  return metrics
 
 
 def _log_progress(step: int, steps: int, metrics: dict[str, float], step_s: float) -> None:
