@@ -93,7 +93,8 @@ def test_cli_compares_with_pytorch():
   assert result["speedup_vs_torch"] == pytest.approx(
     result["tokens_per_sec"] / result["torch_tokens_per_sec"]
   )
-  # Same model and data: both start from the uniform-prediction loss, ln(vocab).
+  # PyTorch's model has the same shapes and its own initialization: a real step on it starts
+  # near the uniform-prediction loss, ln(vocab).
   assert result["torch_loss"] == pytest.approx(np.log(256), rel=0.05)
 
 
@@ -141,14 +142,14 @@ def _value_and_grads(attend, q, k, v, w):
 
 def _assert_matches_reference(attend, q, k, v, w, seg):
   ref = lambda q, k, v: xla_attention(q, k, v, attention_mask(seg, seg))
-  np.testing.assert_allclose(attend(q, k, v), ref(q, k, v), atol=2e-5)
+  np.testing.assert_allclose(attend(q, k, v), ref(q, k, v), atol=5e-6)
   (got_value, got_grads), (want_value, want_grads) = (
     _value_and_grads(attend, q, k, v, w),
     _value_and_grads(ref, q, k, v, w),
   )
   np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
   for got, want in zip(got_grads, want_grads):
-    np.testing.assert_allclose(got, want, atol=5e-5)
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 @pytest.mark.parametrize("block", [0, 32, 128, 256, 100])
@@ -254,9 +255,13 @@ def test_dense_gradients_equal_jax_autodiff(x_shape, k_shape, num_in, dtype):
   loss = lambda f: lambda x, k: jnp.sum(w * jnp.sin(f(x, k)))
   got = jax.jit(jax.grad(loss(fast), (0, 1)))(x, k)
   want = jax.jit(jax.grad(loss(plain), (0, 1)))(x, k)
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
   for a, b in zip(got, want):
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    else:  # Rounded to bf16 ulps (2^-8): another summation order may flip a rare rounding.
+      # Both are equal bit for bit here; a bf16 cotangent in the weight gradient moved 40%.
+      assert np.mean(np.asarray(a) != np.asarray(b)) <= 0.02
+      np.testing.assert_allclose(a, b, rtol=2**-7)
 
 
 def test_dense_weight_gradient_is_a_canonical_matmul_on_cpu():

@@ -124,7 +124,7 @@ def test_mha_matches_independent_reference():
   ours = _logits(config, params, tokens_T[None])[0]
   ref = _reference_logits(config, params, tokens_T)
   assert np.abs(ref).std() > 0.3
-  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)  # Measured: 1.9e-6.
 
 
 def test_scanned_equals_unscanned():
