@@ -68,7 +68,7 @@ def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: flo
     if (workdir / "metrics.jsonl").exists() and any(s >= step for s in losses(workdir)):
       return
     assert proc.poll() is None, proc.communicate()[0][-6000:]
-    time.sleep(0.1)
+    time.sleep(0.02)
   raise AssertionError(f"step {step} not reached")
 
 

@@ -1,6 +1,7 @@
 """Exact resume: stop, kill -9, SIGTERM, a new mesh, a corrupted checkpoint, another model."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -71,10 +72,12 @@ def straight(tmp_path_factory):
   return result
 
 
-def test_stop_and_rerun_is_bitwise_identical(tmp_path, straight):
+def test_stop_and_rerun_is_bitwise_identical(tmp_path, straight, caplog):
   train_and_evaluate(config(steps=4), str(tmp_path))
   assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
-  train_and_evaluate(config(), str(tmp_path))
+  with caplog.at_level(logging.INFO):
+    train_and_evaluate(config(), str(tmp_path))
+  assert "Resumed from step 4 in" in caplog.text  # A fresh start would match too.
   assert losses(tmp_path) == straight
 
 
@@ -203,7 +206,7 @@ def _wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: fl
     if path.exists() and any(s >= step for s in losses(path.parent)):
       return
     assert proc.poll() is None, proc.stdout.read()
-    time.sleep(0.2)
+    time.sleep(0.02)  # A tiny step takes about 50 ms: the signal must land well before the end.
   raise AssertionError(f"step {step} not reached")
 
 
@@ -225,6 +228,7 @@ def test_kill_9_then_rerun_continues_exactly(tmp_path, straight_cli):
   rerun = _start(tmp_path)
   out, _ = rerun.communicate(timeout=300)
   assert rerun.returncode == 0, out
+  assert "Resumed from step" in out  # Not trained again from scratch, which matches too.
   assert losses(tmp_path) == straight_cli
   # Steps logged after the checkpoint were trained again; their first records were dropped.
   steps = [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
@@ -250,7 +254,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight_cli):
   assert saved and saved[-1] < STEPS and saved[-1] in losses(tmp_path)
   rerun = _start(tmp_path, *flags)
   out, _ = rerun.communicate(timeout=300)
-  assert rerun.returncode == 0, out
+  assert rerun.returncode == 0 and f"Resumed from step {saved[-1]}" in out, out
   got = losses(tmp_path)
   logged = sorted(got)
   assert logged == sorted({3, 6, 9, 12, saved[-1]}), logged
@@ -272,7 +276,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(tmp_path, straight_cli):
   assert saved and 3 <= saved[-1] < STEPS
   rerun = _start(tmp_path, "--config.checkpoint_every=0")
   out, _ = rerun.communicate(timeout=300)
-  assert rerun.returncode == 0, out
+  assert rerun.returncode == 0 and f"Resumed from step {saved[-1]}" in out, out
   assert losses(tmp_path) == straight_cli
 
 
