@@ -86,6 +86,24 @@ def test_cli_prints_a_table_then_one_json_line():
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_nan_loss_and_a_missing_torch_are_one_clear_line():
+  from trainer.benchmark import benchmark
+
+  config = tiny_config(**{"optimizer.learning_rate": float("inf"), "optimizer.grad_clip": 0.0})
+  with pytest.raises(ValueError, match=r"loss is nan, so its timings mean nothing; check model"):
+    benchmark(config, steps=2, warmup=1, rounds=1)
+  # Without PyTorch installed (here: import blocked), --compare_torch says what to install.
+  code = (
+    "import runpy, sys; sys.modules['torch'] = None; "
+    "sys.argv = ['trainer.benchmark', '--config=configs/bench.py', '--compare_torch']; "
+    "runpy.run_module('trainer.benchmark', run_name='__main__')"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last == "error: --compare_torch needs torch: pip install -e '.[test]'."
+
+
 def test_cli_compares_with_pytorch():
   result, table = run_cli("--steps=1", "--warmup=1", "--rounds=1", "--compare_torch")
   assert "PyTorch" in table

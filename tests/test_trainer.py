@@ -300,6 +300,29 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+def test_device_out_of_memory_is_one_line_naming_the_fixes(tmp_path):
+  from trainer.checks import out_of_memory
+
+  assert out_of_memory(RuntimeError("INTERNAL: something else")) is None
+  # What XLA raises when the step does not fit (here raised by a stand-in for the training).
+  oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes."
+  code = (
+    "import runpy, sys, jax; import trainer.loop as loop\n"
+    "def boom(*args):\n"
+    f"  raise jax.errors.JaxRuntimeError({oom!r} + '\\nBuffer assignment: ...')\n"
+    "loop.train_and_evaluate = boom\n"
+    f"sys.argv = ['trainer.train', '--config=tests/tiny_run.py', '--workdir={tmp_path}']\n"
+    "runpy.run_module('trainer.train', run_name='__main__')\n"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+    f"error: The train step does not fit in device memory ({oom}); set "
+    "--config.model.remat=full, raise --config.grad_accum_steps or lower "
+    "--config.global_batch_size (`python -m launch.plan` sizes a TPU run before it starts)."
+  )
+
+
 def test_bad_values_fail_before_training(tmp_path):
   for key, value, message in (
     ("log_every", 0, "log_every=0 must be positive"),

@@ -22,6 +22,7 @@ has no CLU, TensorFlow or grain.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -47,7 +48,14 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
-from trainer.checks import check_batch_fits_mesh, load_config, parse_flags, progress, validate  # noqa: E402
+from trainer.checks import (  # noqa: E402
+  check_batch_fits_mesh,
+  load_config,
+  out_of_memory,
+  parse_flags,
+  progress,
+  validate,
+)
 from trainer.mesh import (  # noqa: E402
   MESH_AXES,
   MeshError,
@@ -223,7 +231,10 @@ def benchmark(
     "remat": mcfg.remat,
   }
   if not math.isfinite(result["loss"]):
-    raise FloatingPointError(f"The benchmark's loss is {result['loss']}; the numbers mean nothing.")
+    raise ValueError(
+      f"The benchmark's loss is {result['loss']}, so its timings mean nothing; check "
+      "model.dtype and optimizer.learning_rate."
+    )
   if torch_runner is not None:
     torch_step = statistics.median(torch_times)
     torch_peak = torch_runner.matmul_peak()
@@ -282,6 +293,9 @@ def main(argv: list[str]) -> None:
   if _TORCH.value:
     if jax.default_backend() != "cpu":
       sys.exit("error: --compare_torch compares on CPU; run with JAX_PLATFORMS=cpu.")
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+      sys.exit(f"error: --compare_torch needs {' and '.join(missing)}: pip install -e '.[test]'.")
     runner = TorchRunner(config, threads=cores)
   try:
     result = benchmark(
@@ -292,10 +306,11 @@ def main(argv: list[str]) -> None:
       torch_runner=runner,
       profile_dir=_PROFILE.value,
     )
-  except (ValueError, MeshError) as e:
-    if os.environ.get("LLAMA_TRACEBACK"):
+  except (ValueError, MeshError, jax.errors.JaxRuntimeError) as e:
+    oom = out_of_memory(e)
+    if os.environ.get("LLAMA_TRACEBACK") or (isinstance(e, RuntimeError) and not oom):
       raise
-    sys.exit(f"error: {' '.join(str(e).split())}")
+    sys.exit(f"error: {' '.join((oom or str(e)).split())}")
   finally:
     if runner is not None:
       runner.close()

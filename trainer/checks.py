@@ -134,6 +134,19 @@ def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
     )
 
 
+def out_of_memory(error: BaseException) -> str | None:
+  """The one line for a device out-of-memory error (at compile or at run time), else None."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
+    return None
+  first = " ".join(text.strip().splitlines()[0].split())
+  return (
+    f"The train step does not fit in device memory ({first[:300]}); set "
+    "--config.model.remat=full, raise --config.grad_accum_steps or lower "
+    "--config.global_batch_size (`python -m launch.plan` sizes a TPU run before it starts)."
+  )
+
+
 def load_config(flag: Any) -> Any:
   """The config of a `--config` flag, loaded now (it loads lazily, on first use); a file that
   does not load is one ValueError."""

@@ -23,14 +23,17 @@ def main(argv):
 
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax and CLU are chatty at INFO.
-  from trainer.checks import load_config  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+
+  from trainer.checks import load_config, out_of_memory  # noqa: PLC0415
 
   try:
     train_and_evaluate(load_config(_CONFIG), _WORKDIR.value)
-  except (ValueError, FileNotFoundError, TrainingError) as e:
-    if os.environ.get("LLAMA_TRACEBACK"):
+  except (ValueError, FileNotFoundError, TrainingError, jax.errors.JaxRuntimeError) as e:
+    oom = out_of_memory(e)
+    if os.environ.get("LLAMA_TRACEBACK") or (isinstance(e, RuntimeError) and not oom):
       raise
-    _exit(1, f"error: {e}")
+    _exit(1, f"error: {oom or e}")
   except KeyboardInterrupt as e:
     if isinstance(e, SavedInterrupt):  # Every host saved together and said so.
       sys.exit(130)
