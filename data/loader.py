@@ -11,7 +11,6 @@ global batch size moves the origin: from its resume step on, step s starts at sa
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from data.batching import assemble, host_rows, init_worker, rows_to_example
 from data.packing import decode_row
-from data.tokenizers import tokenizer_from_prepared
+from data.tokenizers import read_json, tokenizer_from_prepared
 
 
 def read_metadata(path: str) -> dict[str, Any]:
@@ -36,8 +35,10 @@ def read_metadata(path: str) -> dict[str, Any]:
       f"{path!r} is not a prepared dataset (no metadata.json); create it with "
       f"`python -m data.prepare --input=... --output={path}` or set data.path."
     )
-  with open(meta_path) as f:
-    return json.load(f)
+  keys = ("seq_len", "row_len", "dtypes", "num_rows", "num_eval_rows", "train_files")
+  keys += ("eval_files", "tokenizer", "fingerprint")
+  fix = f"prepare it again (python -m data.prepare --input=... --output={path} --overwrite)"
+  return read_json(meta_path, keys, fix)
 
 
 def _shuffle_seed(seed: int) -> int:

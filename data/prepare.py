@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -369,8 +370,13 @@ def main(argv: list[str] | None = None) -> None:
       train_tokenizer=a.train_tokenizer, text_field=a.text_field, data_dir=a.data_dir,
       eval_fraction=a.eval_fraction, num_workers=a.num_workers, overwrite=a.overwrite,
     )  # fmt: skip
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+  except (ValueError, OSError, ImportError) as e:  # OSError: no permission, a full disk.
     sys.exit(f"error: {e}")
+  except BrokenProcessPool:
+    sys.exit(
+      f"error: a tokenizer worker died (out of memory?); {a.output} is as it was before this "
+      "run; rerun with fewer --num_workers."
+    )
   except KeyboardInterrupt:
     sys.exit(f"interrupted: {a.output} is as it was before this run; partial output removed.")
 

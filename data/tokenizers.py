@@ -288,15 +288,28 @@ def load_tokenizer(spec_or_path: str) -> Tokenizer:
   return HFTokenizer(spec) if head == b"{" else TiktokenTokenizer(spec)
 
 
+def read_json(path: str, keys: tuple[str, ...], fix: str) -> dict[str, Any]:
+  """The JSON object in `path` holding `keys`; a file that is not one is a ValueError naming it
+  and `fix` (a truncated copy, a file from another tool)."""
+  try:
+    with open(path, "rb") as f:
+      value = json.loads(f.read())
+  except ValueError as e:  # Not JSON, or not text at all.
+    raise ValueError(f"{path} is not valid JSON ({e}); {fix}.") from None
+  missing = [k for k in keys if k not in value] if isinstance(value, dict) else list(keys)
+  if missing:
+    raise ValueError(f"{path} lacks {', '.join(missing)}; {fix}.")
+  return value
+
+
 def tokenizer_from_prepared(directory: str) -> Tokenizer:
   """The tokenizer saved in a dir: a prepared dir (metadata.json) or `Tokenizer.save`'s output."""
   meta_path, spec_path = (os.path.join(directory, f) for f in ("metadata.json", SPEC_FILE))
+  fix = "prepare the data again (python -m data.prepare ... --overwrite)"
   if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      spec = json.load(f)["tokenizer"]
+    spec = read_json(meta_path, ("tokenizer",), fix)["tokenizer"]
   elif os.path.exists(spec_path):
-    with open(spec_path) as f:
-      spec = json.load(f)
+    spec = read_json(spec_path, ("kind",), "save the tokenizer again")
   else:
     raise FileNotFoundError(
       f"{directory} holds no saved tokenizer; pass a dir written by `python -m data.prepare`."

@@ -101,10 +101,17 @@ def load_params_dir(params_dir: str) -> tuple[ModelConfig, dict[str, Any]]:
   with open(cfg_path) as f:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     config = ModelConfig(**{k: v for k, v in json.load(f).items() if k in fields})
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.metadata(params_dir).item_metadata.tree
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
-    params = ckptr.restore(params_dir, target)["params"]
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.metadata(params_dir).item_metadata.tree
+      target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
+      params = ckptr.restore(params_dir, target)["params"]
+  except Exception as e:  # noqa: BLE001 - any damage (missing, truncated files) is one error.
+    why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise ValueError(
+      f"{params_dir} has {MODEL_CONFIG_FILE} but its parameters do not restore ({why}); run "
+      "`python -m model.hf import` into a new directory again."
+    ) from None
   return config, params
 
 

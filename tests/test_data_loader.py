@@ -243,6 +243,22 @@ def test_errors_name_the_fix(prepared, tmp_path):
     PreparedPipeline(prepared, seed=0, global_batch=B, seq_len=32, sharding=batch_sharding(_mesh()))
   with pytest.raises(FileNotFoundError, match="data.prepare"):
     _pipeline(str(tmp_path / "nope"), _mesh())
+  # A metadata.json cut short, or from another tool: one error naming the file and the fix.
+  import shutil
+
+  copy = shutil.copytree(prepared, tmp_path / "copy")
+  meta = (copy / "metadata.json").read_text()
+  for text, message in (
+    (meta[: len(meta) // 2], r"metadata.json is not valid JSON \(.*\); prepare it again"),
+    ('{"seq_len": 16}', r"metadata.json lacks row_len, dtypes, .*; prepare it again \(python"),
+  ):
+    (copy / "metadata.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+      _pipeline(str(copy), _mesh())
+  from data.tokenizers import tokenizer_from_prepared
+
+  with pytest.raises(ValueError, match="metadata.json lacks tokenizer; prepare the data again"):
+    tokenizer_from_prepared(str(copy))
 
 
 def test_create_pipeline_and_stdlib_cache(prepared, tmp_path):

@@ -363,3 +363,56 @@ def test_a_stopped_run_leaves_no_workers_and_no_partial_output(tmp_path, sig):
       assert os.listdir(tmp_path) == []  # The partial OUTPUT.tmp-* is gone, OUTPUT never made.
   finally:
     proc.kill()
+
+
+_WORKER_DIES = """
+import os, sys
+from data import prepare as P
+from data.sources import Chunk, Source
+
+class Blocking(Source):
+  name = "fifo"
+  def chunks(self, chunk_bytes):  # The worker blocks reading a FIFO no one writes to.
+    yield Chunk("files", [sys.argv[2]], "fifo")
+
+P.open_source = lambda *args: Blocking()
+P.main(["--input=fifo", f"--output={sys.argv[1]}", "--seq_len=8", "--num_workers=1"])
+"""
+
+
+def test_a_killed_worker_is_one_line_and_leaves_no_output(tmp_path):
+  """A tokenizer worker killed (as by the OOM killer) ends the run with one line, not a
+  BrokenProcessPool traceback, and nothing half-written."""
+  import signal
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  os.mkfifo(tmp_path / "fifo")
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-c", _WORKER_DIES, str(out), str(tmp_path / "fifo")]
+  proc = subprocess.Popen(cmd, cwd=repo, stderr=subprocess.PIPE, text=True)
+  try:
+    workers = lambda: [c for c in child_pids(proc.pid) if b"resource_tracker" not in command_of(c)]
+    assert wait_until(workers, 120)
+    os.kill(workers()[0], signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1
+    last = proc.stderr.read().strip().splitlines()[-1]
+    assert last == (
+      f"error: a tokenizer worker died (out of memory?); {out} is as it was before this run; "
+      "rerun with fewer --num_workers."
+    )
+    assert os.listdir(tmp_path) == ["fifo"]
+  finally:
+    proc.kill()
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
+  from data import prepare as P
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device", str(tmp_path / "out.tmp-1"))
+
+  monkeypatch.setattr(P, "prepare", full)
+  with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device: '/"):
+    P.main(["--input=x", f"--output={tmp_path / 'out'}", "--seq_len=8"])

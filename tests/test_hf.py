@@ -257,6 +257,12 @@ def test_cli_import_export_round_trip(tmp_path, monkeypatch):
     np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
   with pytest.raises(ValueError, match="not empty"):
     save_params_dir(config, params, str(tmp_path / "params"))
+  # A params dir whose checkpoint is gone (an import killed early, a partial copy): one line.
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "model_config.json").write_bytes((tmp_path / "params/model_config.json").read_bytes())
+  with pytest.raises(SystemExit, match=r"has model_config.json but its parameters do not restore"):
+    main(["export", f"--checkpoint={broken}", f"--output={tmp_path / 'hf_broken'}"])
 
   # A training workdir (no model_config.json) goes through trainer.checkpoint.restore_params.
   calls = []
