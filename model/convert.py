@@ -224,3 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     {"import": _import, "export": _export}[args.command](args)
   except (ValueError, OSError) as e:  # OSError: a missing path, a full disk, no permission.
     raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  main()
