@@ -37,7 +37,6 @@ from trainer import tpu_flags
 tpu_flags.init_args()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -96,30 +95,6 @@ def cpu_device_count(config: Any, cores: int) -> int:
     if rows % (data * fsdp) == 0:
       return n
   return fixed
-
-
-def cpu_matmul_peak(devices: list[Any], sizes: tuple[int, ...] = (1024, 2048)) -> float:
-  """fp32 matmul FLOP/s of the whole host, best of 3: one independent matmul per core at once.
-
-  Independent matmuls in one program run side by side, and so do programs on different CPU
-  devices.
-  """
-  cores = len(os.sched_getaffinity(0))
-  per_device = max(cores // len(devices), 1)
-  matmuls = jax.jit(lambda xs: [x @ x for x in xs])
-  best = 0.0
-  for n in sizes:
-    xs = [
-      [jax.device_put(jnp.full((n, n), i + 1.0, jnp.float32), d) for i in range(per_device)]
-      for d in devices
-    ]
-    jax.block_until_ready([matmuls(x) for x in xs])
-    for _ in range(3):
-      t0 = time.perf_counter()
-      jax.block_until_ready([matmuls(x) for x in xs])
-      flop = len(devices) * per_device * 2 * n**3
-      best = max(best, flop / (time.perf_counter() - t0))
-  return best
 
 
 def peak_memory(compiled: Any, device: Any) -> tuple[int, str]:
@@ -185,7 +160,7 @@ def benchmark(
   times = []
   for n in per_round:
     if on_cpu:
-      peaks.append(cpu_matmul_peak(devices))
+      peaks.append(flops.cpu_matmul_peak(devices))
     t0 = time.perf_counter()
     for _ in range(n):
       state, metrics = compiled(state, batch)
