@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from data.synthetic import synthetic_rows
+from model import ModelConfig
 from trainer import state as state_lib
 
 
@@ -22,25 +23,9 @@ def torch_worker(conn: Any, spec: dict[str, Any]) -> None:
   torch.set_num_threads(spec["threads"])
   torch.manual_seed(0)
   m = spec["model"]
-  rope = None
-  if m["rope_scaling"]:
-    rope = {"rope_type": "llama3", **m["rope_scaling"]}
-  hf_config = transformers.LlamaConfig(
-    vocab_size=m["vocab_size"],
-    hidden_size=m["embed_dim"],
-    intermediate_size=m["mlp_dim"],
-    num_hidden_layers=m["num_layers"],
-    num_attention_heads=m["num_heads"],
-    num_key_value_heads=m["num_kv_heads"],
-    head_dim=m["head_dim"],
-    max_position_embeddings=m["max_seq_len"],
-    rms_norm_eps=m["norm_eps"],
-    rope_theta=m["rope_theta"],
-    rope_scaling=rope,
-    tie_word_embeddings=m["tie_embeddings"],
-    attention_bias=False,
-    mlp_bias=False,
-  )
+  from model.hf import config_to_hf  # noqa: PLC0415 - the exporter's mapping, not a second one.
+
+  hf_config = transformers.LlamaConfig(**config_to_hf(ModelConfig(**m)))
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[m["dtype"]]
   model = transformers.LlamaForCausalLM(hf_config).to(dtype)
   params = [p for p in model.parameters() if p.requires_grad]
