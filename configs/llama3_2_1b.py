@@ -7,11 +7,11 @@ from configs import base
 
 
 def get_config():
+  """Llama 3.2 1B: tied embeddings, 16 layers, RoPE scaling factor 32."""
   c = base.get_config()
   c.model.embed_dim = 2048
   c.model.mlp_dim = 8192
   c.model.num_layers = 16
-  c.model.num_heads = 32
   c.model.head_dim = 64
   c.model.tie_embeddings = True
   c.model.rope_scaling.factor = 32.0

@@ -7,6 +7,7 @@ from configs import base
 
 
 def get_config():
+  """Llama 3.2 3B: tied embeddings, 28 layers, RoPE scaling factor 32."""
   c = base.get_config()
   c.model.embed_dim = 3072
   c.model.mlp_dim = 8192

@@ -7,6 +7,7 @@ from configs import base
 
 
 def get_config():
+  """Llama 3.1 405B: 126 layers of width 16384."""
   c = base.get_config()
   c.model.embed_dim = 16384
   c.model.mlp_dim = 53248

@@ -7,6 +7,7 @@ from configs import base
 
 
 def get_config():
+  """Llama 3.1 70B: 80 layers of width 8192."""
   c = base.get_config()
   c.model.embed_dim = 8192
   c.model.mlp_dim = 28672

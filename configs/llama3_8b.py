@@ -13,6 +13,7 @@ from configs import base
 
 
 def get_config():
+  """Llama 3.1 8B (the base shapes), FSDP over every device."""
   c = base.get_config()
   c.mesh.data, c.mesh.fsdp = 1, -1
   return c

@@ -8,11 +8,11 @@ from configs import base
 
 
 def get_config():
+  """The `make train` demo: a tiny model on the offline stdlib corpus, on CPU."""
   c = base.get_config()
   c.steps = 240
   c.global_batch_size = 8
   c.seq_len = 256
-  c.log_every = 10
   c.eval_every = 80
   c.eval_steps = 4
   c.checkpoint_every = 80

@@ -61,14 +61,17 @@ class Topology:
 
   @property
   def hbm_bytes(self) -> int:
+    """HBM per chip that a program may use."""
     return flops.HBM_BYTES[self.generation]
 
   @property
   def hbm_bandwidth(self) -> float:
+    """HBM bytes/s per chip."""
     return flops.HBM_BANDWIDTH[self.generation]
 
   @property
   def ici_bandwidth(self) -> float:
+    """ICI bytes/s per chip, all links both ways."""
     return flops.ICI_BANDWIDTH[self.generation]
 
 

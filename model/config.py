@@ -104,16 +104,20 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
+    """The dtype of activations and matmul inputs."""
     return jnp.dtype(self.dtype)
 
   @property
   def weight_dtype(self) -> jnp.dtype:
+    """The dtype parameters are stored in."""
     return jnp.dtype(self.param_dtype)
 
   def replace(self, **changes: Any) -> ModelConfig:
+    """A copy with `changes` applied."""
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
+    """JSON-able fields (rope_scaling as a dict)."""
     d = dataclasses.asdict(self)
     d["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
     return d

@@ -27,7 +27,8 @@ from absl import logging as absl_logging
 from flax.linen import meta
 
 from model.config import ModelConfig
-from model.hf import is_scanned, load_hf, save_hf
+from model.hf import load_hf, save_hf
+from model.params import is_scanned
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf import unstack_layers
 from model.llama import Llama3, output_kernel
+from model.params import unstack_layers
 
 
 class Tokenizer(Protocol):

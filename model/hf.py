@@ -20,13 +20,13 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.linen import meta
 
 from model.config import ModelConfig
+from model.params import is_scanned
 
 log = logging.getLogger(__name__)
 
@@ -163,30 +163,6 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   }
 
 
-def is_scanned(params: Mapping[str, Any]) -> bool:
-  """Whether the layers are one stacked `layers` subtree (True) or `layers_0..` (False)."""
-  return "layers" in params
-
-
-def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Unscanned params (`layers_0..layers_{L-1}`) -> scanned (`layers`, leading L axis)."""
-  params = dict(meta.unbox(params))
-  names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
-  layers = [params.pop(k) for k in names]
-  xp = jnp if isinstance(jax.tree.leaves(layers[0])[0], jax.Array) else np
-  params["layers"] = jax.tree.map(lambda *xs: xp.stack(xs), *layers)
-  return params
-
-
-def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Scanned params (`layers` with a leading L axis) -> unscanned (`layers_0..layers_{L-1}`)."""
-  params = dict(meta.unbox(params))
-  layers = params.pop("layers")
-  for i in range(jax.tree.leaves(layers)[0].shape[0]):
-    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layers)
-  return params
-
-
 def _read_json(path: str) -> dict[str, Any]:
   """The JSON object in `path`; a file that is not one is a ValueError naming it."""
   try:
@@ -247,6 +223,7 @@ class _Weights:
     return name in self._map
 
   def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Tensor `name`, checked to have `shape`; a missing or misshapen one is a ValueError."""
     if name not in self._map:
       raise ValueError(
         f"{self._dir} lacks tensor {name!r}; the checkpoint is incomplete or not a "

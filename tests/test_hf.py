@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from model import Llama3  # noqa: E402
 from model.convert import load_params_dir, main, save_params_dir  # noqa: E402
-from model.hf import config_from_hf, load_hf, save_hf, stack_layers  # noqa: E402
+from model.hf import config_from_hf, load_hf, save_hf  # noqa: E402
+from model.params import stack_layers  # noqa: E402
 from tests.common import write_tiktoken  # noqa: E402
 
 TOL = 2e-5  # Measured: at most 3.2e-6 (fp32 against PyTorch fp32).

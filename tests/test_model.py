@@ -10,7 +10,7 @@ import pytest
 from flax.linen import meta
 
 from model import Llama3, ModelConfig
-from model.hf import stack_layers, unstack_layers
+from model.params import stack_layers, unstack_layers
 from tests.common import TINY_MODEL
 
 TINY = TINY_MODEL.replace(remat="none")

@@ -70,6 +70,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
+    """Steps with a checkpoint on disk, oldest first."""
     return sorted(self.manager.all_steps())
 
   def save(
@@ -93,6 +94,7 @@ class Checkpointer:
     )
 
   def saved_config(self, step: int) -> dict[str, Any]:
+    """The run config saved with the checkpoint of `step`."""
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
       "config"
     ]
@@ -222,9 +224,11 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"checkpoint_{name}")
 
   def wait(self) -> None:
+    """Blocks until every save in flight is on disk."""
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for saves in flight, then releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
 

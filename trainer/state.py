@@ -151,7 +151,7 @@ def init_from(
     from trainer.checkpoint import restore_params  # noqa: PLC0415
 
     loaded_cfg, params = restore_params(path, on_host=True)
-  from model.hf import stack_layers, unstack_layers  # noqa: PLC0415
+  from model.params import stack_layers, unstack_layers  # noqa: PLC0415
   from trainer.checkpoint import CheckpointMismatchError, shape_mismatch  # noqa: PLC0415
 
   if loaded_cfg.scan_layers != mcfg.scan_layers:  # Only the layers' layout differs: convert.

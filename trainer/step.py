@@ -30,6 +30,8 @@ def eval_metrics_class() -> type:
 
   @flax.struct.dataclass
   class EvalMetrics(clu_metrics.Collection):
+    """The mean next-token loss over every evaluated token."""
+
     eval_loss: clu_metrics.Average.from_output("eval_loss")
 
   return EvalMetrics
@@ -115,6 +117,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Llama3, chunk:
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """The sharding of each batch array: rows over data x fsdp."""
   sharding = batch_sharding(mesh)
   return {k: sharding for k in BATCH_KEYS}
 

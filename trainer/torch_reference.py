@@ -89,6 +89,7 @@ class TorchRunner:
     return self._conn.recv()
 
   def matmul_peak(self) -> float:
+    """fp32 matmul FLOP/s that PyTorch reaches on this host (its own peak)."""
     return self._ask(("peak", None))
 
   def run(self, first_step: int, num_steps: int) -> tuple[float, float]:
@@ -100,5 +101,6 @@ class TorchRunner:
     return self._ask(("steps", batches))
 
   def close(self) -> None:
+    """Ends the PyTorch process."""
     self._conn.send(None)
     self._proc.join(timeout=30)

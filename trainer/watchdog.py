@@ -28,6 +28,7 @@ class Watchdog:
       self._thread.start()
 
   def beat(self, step: int) -> None:
+    """Progress: `step` just ended, so the clock starts again."""
     self._last, self._step = time.monotonic(), step
 
   def _run(self) -> None:
@@ -47,6 +48,7 @@ class Watchdog:
         os._exit(self.exit_code)
 
   def stop(self) -> None:
+    """Ends the watching thread."""
     self._stop.set()
 
 
