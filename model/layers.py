@@ -2,7 +2,7 @@
 
 Dimension key for tensor names:
   B batch, T query length, S key length, D embed_dim, N query heads, K kv heads,
-  G query heads per kv head (N // K), H head_dim, F mlp_dim, V vocab.
+  G query heads per kv head (N // K), H head_dim, P = H / 2 rotated pairs, F mlp_dim, V vocab.
 """
 
 from __future__ import annotations
@@ -91,13 +91,18 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
 
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotates pairs (i, i + H/2): the half-split layout Hugging Face Llama weights use."""
-  freqs_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-  cos = jnp.cos(freqs_BxTxh)[:, :, None, :]
-  sin = jnp.sin(freqs_BxTxh)[:, :, None, :]
-  x = x_BxTxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxH.dtype)
+  freqs_BxTxP = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  cos_BxTx1xP = jnp.cos(freqs_BxTxP)[:, :, None, :]
+  sin_BxTx1xP = jnp.sin(freqs_BxTxP)[:, :, None, :]
+  x1_BxTxNxP, x2_BxTxNxP = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out_BxTxNxH = jnp.concatenate(
+    [
+      x1_BxTxNxP * cos_BxTx1xP - x2_BxTxNxP * sin_BxTx1xP,
+      x2_BxTxNxP * cos_BxTx1xP + x1_BxTxNxP * sin_BxTx1xP,
+    ],
+    axis=-1,
+  )
+  return out_BxTxNxH.astype(x_BxTxNxH.dtype)
 
 
 class Attention(nn.Module):

@@ -1,6 +1,7 @@
 """The LLaMA 3 decoder: token embedding, a (scanned, rematerialized) stack of blocks, a head.
 
-Dimension key: B batch, T length, D embed_dim, V vocab, L layers.
+Dimension key: B batch, T length, D embed_dim, V vocab, L layers; lower case (b, v, d): one
+device's shard of that dimension, inside shard_map.
 """
 
 from __future__ import annotations
