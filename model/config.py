@@ -31,25 +31,30 @@ _ROPE_SCALING_KEYS = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape and numerics of a LLaMA 3 model; built with `ModelConfig(**config.model)`."""
+  """Shape and numerics of a LLaMA 3 model; built with `ModelConfig(**config.model)`.
 
-  vocab_size: int = 128256
-  embed_dim: int = 4096
-  mlp_dim: int = 14336
-  num_layers: int = 32
-  num_heads: int = 32
-  num_kv_heads: int = 8
-  head_dim: int = 128
-  rope_theta: float = 500000.0
-  rope_scaling: Mapping[str, Any] | None = None
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = False
-  max_seq_len: int = 8192
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat: str = "none"
-  attention: str = "auto"
+  The defaults are Llama 3 8B's shapes with plain fp32 numerics for library use (no RoPE
+  scaling, no remat); a training run's values come from `configs/base.py:model_config`, which
+  documents each field.
+  """
+
+  vocab_size: int = 128256  # Token vocabulary V.
+  embed_dim: int = 4096  # Residual width D.
+  mlp_dim: int = 14336  # SwiGLU hidden width F.
+  num_layers: int = 32  # Decoder blocks L.
+  num_heads: int = 32  # Query heads N.
+  num_kv_heads: int = 8  # Key/value heads K (GQA).
+  head_dim: int = 128  # Per-head width H.
+  rope_theta: float = 500000.0  # RoPE base.
+  rope_scaling: Mapping[str, Any] | None = None  # Llama 3.1 frequency scaling, or plain RoPE.
+  norm_eps: float = 1e-5  # RMSNorm epsilon.
+  tie_embeddings: bool = False  # The head reuses the token table.
+  max_seq_len: int = 8192  # Longest sequence; the KV cache length when generating.
+  dtype: str = "float32"  # Activations and matmul inputs.
+  param_dtype: str = "float32"  # Stored parameters.
+  scan_layers: bool = True  # One scanned block (fast compiles) or L unrolled ones.
+  remat: str = "none"  # One of REMAT_POLICIES.
+  attention: str = "auto"  # One of ATTENTION_IMPLS.
 
   def __post_init__(self):
     if self.rope_scaling is not None:
