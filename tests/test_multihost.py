@@ -72,38 +72,52 @@ def wait_for_step(workdir: Path, step: int, proc: subprocess.Popen, timeout: flo
   raise AssertionError(f"step {step} not reached")
 
 
-def one_host(workdir: Path) -> None:
-  config = tiny_config(steps=STEPS, log_every=1, **{"optimizer.decay_steps": STEPS}, **MESH)
+def one_host(workdir: Path, init_from: Path) -> None:
+  config = tiny_config(
+    steps=STEPS, log_every=1, init_from=str(init_from), **{"optimizer.decay_steps": STEPS}, **MESH
+  )
   train_and_evaluate(config, str(workdir))
 
 
 def test_two_hosts_match_one_host_survive_sigterm_and_resume_together(tmp_path):
+  """Both runs start from a params dir (init_from): each host places its copy of the loaded
+  parameters straight into its shards."""
+  import jax
+
+  from model.convert import save_params_dir
+  from trainer import state as state_lib
+
+  mcfg = state_lib.model_config(tiny_config())
+  params = state_lib.init_state(Llama3(mcfg), optax.sgd(0.0), jax.random.key(7)).params
+  save_params_dir(mcfg, jax.tree.map(np.asarray, params), str(tmp_path / "params"))
+  start = f"--config.init_from={tmp_path / 'params'}"
   one = tmp_path / "one"
-  one_host(one)
+  one_host(one, tmp_path / "params")
   reference = losses(one)
 
   # SIGTERM to the launcher reaches both hosts; they agree on a step, save it together, exit 0.
   two = tmp_path / "two"
-  proc = start_two_hosts(two)
+  proc = start_two_hosts(two, start)
   wait_for_step(two, 2, proc)
   proc.send_signal(signal.SIGTERM)
   out = finish(proc)
   assert "Preempted (SIGTERM): saved step" in out, out[-3000:]
+  assert out.count(f"Initialized parameters from {tmp_path / 'params'}") == 2, out[-3000:]
   saved = [int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved
   stopped = saved[0]
   copy = tmp_path / "copy"
   shutil.copytree(two, copy)
 
-  out = finish(start_two_hosts(two))
-  assert f"Resumed from step {stopped}" in out
+  out = finish(start_two_hosts(two, start))
+  assert f"Resumed from step {stopped}" in out and "Initialized parameters" not in out
   got = losses(two)
   assert sorted(got) == list(range(1, STEPS + 1))
   steps = range(1, STEPS + 1)
   np.testing.assert_allclose([got[s] for s in steps], [reference[s] for s in steps], rtol=1e-5)
 
   # The checkpoint the two hosts wrote together also resumes on one host of 8 devices.
-  one_host(copy)
+  one_host(copy, tmp_path / "params")
   got = losses(copy)
   steps = range(stopped + 1, STEPS + 1)
   np.testing.assert_allclose([got[s] for s in steps], [reference[s] for s in steps], rtol=1e-5)
@@ -172,25 +186,3 @@ def test_an_error_on_one_host_ends_the_run_with_it(tmp_path):
   assert proc.returncode == 1, out[-3000:]
   assert f"[p1] error: {bad}/config.json does not exist" in out, out[-3000:]
   assert "Fatal Python error" not in out and "Shutdown barrier" not in out, out[-3000:]
-
-
-def test_two_hosts_start_from_a_params_dir_as_one_host_does(tmp_path):
-  """init_from places each host's copy of the loaded parameters straight into their shards: two
-  hosts train on from them exactly as one host does."""
-  import jax
-
-  from model.convert import save_params_dir
-  from trainer import state as state_lib
-
-  config = tiny_config()
-  mcfg = state_lib.model_config(config)
-  params = state_lib.init_state(Llama3(mcfg), optax.sgd(0.0), jax.random.key(7)).params
-  save_params_dir(mcfg, jax.tree.map(np.asarray, params), str(tmp_path / "params"))
-  start = {"init_from": str(tmp_path / "params"), "optimizer.decay_steps": STEPS, **MESH}
-  train_and_evaluate(tiny_config(steps=2, log_every=1, **start), str(tmp_path / "one"))
-  flags = [f"--config.init_from={tmp_path / 'params'}", "--config.steps=2"]
-  out = finish(start_two_hosts(tmp_path / "two", *flags))
-  assert out.count(f"Initialized parameters from {tmp_path / 'params'}") == 2, out[-3000:]
-  want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
-  assert sorted(got) == sorted(want) == [1, 2]  # Step 1's loss is the loaded parameters'.
-  np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
