@@ -231,8 +231,9 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
   results = ordered_map(
     _tokenize, source.chunks(kw["chunk_bytes"]), kw["num_workers"], _init_worker, init
   )
-  # closing(): an error in this loop's body also stops the workers (the generator's cleanup).
-  with contextlib.closing(results):
+  # closing(): an error in this loop's body also stops the workers (the generator's cleanup),
+  # and the bar is closed first, so an error's line is the last one printed.
+  with contextlib.closing(results), contextlib.closing(bar):
     for flat, lengths, chunk_stats in results:
       for k in STAT_KEYS:
         stats[k] += chunk_stats[k]
@@ -251,7 +252,6 @@ def _prepare_into(source: Source, out: str, *, input: str, start: float, **kw: A
           counts[split].update(documents=int(mask.sum()), tokens=len(tokens))
           rows = packers[split].add(tokens, lengths[mask])
           writers[split].write(encode_rows(rows, dtypes))
-  bar.close()
   if num_docs == 0 and stats["num_no_field"]:
     raise no_field_error(source.name, text_field)
   if num_docs == 0:

@@ -233,51 +233,45 @@ def test_kill_9_then_rerun_continues_exactly(tmp_path, straight_cli):
   # Steps logged after the checkpoint were trained again; their first records were dropped.
   steps = [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
   assert steps == sorted(set(steps)) == list(range(1, STEPS + 1))
-  # A finished run, rerun, trains nothing more and says so.
-  again = _start(tmp_path)
-  out, _ = again.communicate(timeout=300)
-  assert again.returncode == 0 and "already trained to step 12 (steps=12)" in out, out
-  assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["step"] == STEPS
 
 
-def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight_cli):
-  """Logged every 3 steps: the stopped run also logs its last, partial window, so each logged
-  loss is the mean over the steps since the one logged before it, across the resume too."""
+def _saved_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_ctrl_c_and_sigterm_save_and_resume(tmp_path, straight_cli):
+  """A first Ctrl-C saves at the step's end and exits 130 (interrupted), with no traceback; a
+  SIGTERM (preemption) saves and exits 0. Logged every 3 steps: a stopped run also logs its
+  last, partial window, so each logged loss is the mean over the steps since the one logged
+  before it, across both resumes."""
   flags = ("--config.checkpoint_every=0", "--config.log_every=3")
   proc = _start(tmp_path, *flags)
-  _wait_for_step(tmp_path, 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
-  assert "Preempted" in out
-  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved and saved[-1] < STEPS and saved[-1] in losses(tmp_path)
-  rerun = _start(tmp_path, *flags)
-  out, _ = rerun.communicate(timeout=300)
-  assert rerun.returncode == 0 and f"Resumed from step {saved[-1]}" in out, out
-  got = losses(tmp_path)
-  logged = sorted(got)
-  assert logged == sorted({3, 6, 9, 12, saved[-1]}), logged
-  for before, step in zip([0, *logged], logged):
-    window = [straight_cli[k] for k in range(before + 1, step + 1)]
-    np.testing.assert_allclose(got[step], np.mean(window), rtol=1e-6, err_msg=str(step))
-
-
-def test_ctrl_c_saves_exits_130_and_resumes(tmp_path, straight_cli):
-  """In a one-process run the first Ctrl-C saves at the step's end, as SIGTERM does, and the
-  exit status says the run was interrupted; no traceback."""
-  proc = _start(tmp_path, "--config.checkpoint_every=0")
   _wait_for_step(tmp_path, 3, proc)
   proc.send_signal(signal.SIGINT)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 130 and "Traceback" not in out, out
   assert "Interrupted (Ctrl-C): saved step" in out
-  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved and 3 <= saved[-1] < STEPS
-  rerun = _start(tmp_path, "--config.checkpoint_every=0")
+  (first,) = _saved_steps(tmp_path)
+  assert 3 <= first < STEPS
+
+  proc = _start(tmp_path, *flags)
+  _wait_for_step(tmp_path, first + 1, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "Preempted (SIGTERM): saved step" in out, out
+  assert f"Resumed from step {first}" in out
+  second = _saved_steps(tmp_path)[-1]
+  assert first < second < STEPS
+
+  rerun = _start(tmp_path, *flags)
   out, _ = rerun.communicate(timeout=300)
-  assert rerun.returncode == 0 and f"Resumed from step {saved[-1]}" in out, out
-  assert losses(tmp_path) == straight_cli
+  assert rerun.returncode == 0 and f"Resumed from step {second}" in out, out
+  got = losses(tmp_path)
+  logged = sorted(got)
+  assert logged == sorted({3, 6, 9, 12, first, second}), logged
+  for before, step in zip([0, *logged], logged):
+    window = [straight_cli[k] for k in range(before + 1, step + 1)]
+    np.testing.assert_allclose(got[step], np.mean(window), rtol=1e-6, err_msg=str(step))
 
 
 def _eval_loss(config, params) -> float:

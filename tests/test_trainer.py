@@ -241,7 +241,9 @@ def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, c
   again = train_and_evaluate(config, "run")
   np.testing.assert_allclose(again["eval_loss"], final["eval_loss"], rtol=1e-6)
   assert read_jsonl(str(tmp_path / "metrics.jsonl"))[-1] == {"step": 6, **again}
-  assert train_and_evaluate(config, "run") == {}
+  with caplog.at_level(logging.INFO):
+    assert train_and_evaluate(config, "run") == {}  # Finished: nothing more to do, and it says so.
+  assert "is already trained to step 6 (steps=6); raise --config.steps" in caplog.text
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):
