@@ -74,9 +74,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
 
   ckpt = Checkpointer(str(workdir), max_to_keep=config.max_to_keep, keep_period=config.keep_period)
-  restored = ckpt.restore_latest(
-    state_lib.abstract_state(model, tx, shardings), mcfg, config.optimizer.to_dict()
-  )
+  abstract = state_lib.abstract_state(model, tx, shardings)
+  restored = ckpt.restore_latest(abstract, mcfg, config.optimizer.to_dict())
   if restored is not None:
     state, data_state, start_step = restored
     saved_fp = data_state.get("fingerprint")
@@ -118,7 +117,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   else:
     start_step = 0
     if config.init_from:  # No random state to build and throw away: the params come from there.
-      state = state_lib.init_from(config.init_from, mcfg, tx, shardings)
+      state = state_lib.init_from(config.init_from, mcfg, tx, shardings, abstract.params)
     else:
       state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
   if lead:  # Steps logged after the restored one (all, from scratch) are trained again.

@@ -135,9 +135,14 @@ def with_params(params: Any, tx: optax.GradientTransformation, shardings: TrainS
 
 
 def init_from(
-  path: str, mcfg: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState
+  path: str,
+  mcfg: ModelConfig,
+  tx: optax.GradientTransformation,
+  shardings: TrainState,
+  abstract_params: Any,
 ) -> TrainState:
-  """A fresh optimizer over parameters from an HF directory, a params dir, or another run."""
+  """A fresh optimizer over parameters from an HF directory, a params dir, or another run;
+  `abstract_params` (`abstract_state(...).params`) gives each parameter's dtype."""
   p = epath.Path(path)
   if (p / "config.json").exists() and any(p.glob("*.safetensors*")):
     from model.hf import load_hf  # noqa: PLC0415
@@ -165,6 +170,5 @@ def init_from(
       "set --config.model values to match it."
     )
   logging.info("Initialized parameters from %s.", path)
-  shapes = jax.eval_shape(lambda r: nn.unbox(_init_params(Llama3(mcfg), r)), jax.random.key(0))
-  params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, shapes)
+  params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, abstract_params)
   return with_params(params, tx, shardings)
