@@ -154,8 +154,7 @@ def _compile_step(config: Any, devices: list[Any], hbm_bytes: int, with_hlo: boo
   model = Llama3(state_lib.model_config(config))
   rules = state_lib.logical_rules(config)
   tx = optimizer.make_optimizer(config)
-  shardings = state_lib.state_shardings(model, tx, mesh, rules)
-  state = state_lib.abstract_state(model, tx, shardings)
+  shardings, state = state_lib.state_layout(model, tx, mesh, rules)
   batch = _abstract_batch(config, mesh)
   train_step = step_lib.jit_train_step(
     config, model, tx, optimizer.learning_rate_schedule(config), mesh, rules, shardings

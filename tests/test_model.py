@@ -159,10 +159,17 @@ def _loss_and_grads(config, params, tokens):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-def test_remat_changes_nothing(remat):
+@pytest.mark.parametrize(
+  ("remat", "scan"),
+  [("full", True), ("dots", True), ("dots_no_batch", True), ("offload", True), ("full", False)],
+)
+def test_remat_changes_nothing(remat, scan):
+  """Each policy gives the loss and gradients of no remat; unscanned too, where every layer is
+  rematerialized on its own (with prevent_cse)."""
   params, tokens, (loss0, grads0) = _baseline()
-  loss1, grads1 = _loss_and_grads(TINY.replace(remat=remat), params, tokens)
+  config = TINY.replace(remat=remat, scan_layers=scan)
+  loss1, grads1 = _loss_and_grads(config, params if scan else unstack_layers(params), tokens)
+  grads1 = grads1 if scan else stack_layers(grads1)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
   for g1, g0 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads0)):
     assert np.abs(g0).max() > 0

@@ -111,7 +111,7 @@ class Checkpointer:
     settings, names what changed), is an error, not a fallback.
     """
     set_aside = []
-    with _quiet_unraisable():
+    with _quiet_unraisable(set_aside):
       restored = self._restore_newest(abstract_state, model, optimizer or {}, set_aside)
     if restored is None and set_aside:
       raise ValueError(
@@ -268,9 +268,11 @@ def _log_level(name: str, level: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_unraisable() -> Iterator[None]:
+def _quiet_unraisable(failures: list) -> Iterator[None]:
   """Drops the 'Exception ignored in: <coroutine ...>' reports that a failed Orbax read leaves
-  for the garbage collector (each with a full TensorStore spec); the failure itself is logged."""
+  for the garbage collector (each with a full TensorStore spec); the failure itself is logged.
+  The caller appends to `failures` for each failed read: only then is there garbage to collect
+  here (a full collection takes half a second in a large process)."""
   hook = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
   # Orbax's reads run as asyncio tasks; a failed one is also logged as never retrieved.
@@ -278,7 +280,8 @@ def _quiet_unraisable() -> Iterator[None]:
     try:
       yield
     finally:
-      gc.collect()
+      if failures:
+        gc.collect()
       sys.unraisablehook = hook
 
 
@@ -344,7 +347,7 @@ def restore_params(
     raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has {steps}.")
   errors = []
   try:
-    with _quiet_unraisable():
+    with _quiet_unraisable(errors):
       for s in [step] if step is not None else reversed(steps):
         try:
           params = manager.restore(s, args=args)["state"]["params"]

@@ -71,10 +71,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     logging.info("%s=%r.", tpu_flags.ENV, os.environ.get(tpu_flags.ENV, ""))
   schedule = optimizer.learning_rate_schedule(config)
   tx = optimizer.make_optimizer(config)
-  shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  shardings, abstract = state_lib.state_layout(model, tx, mesh, rules)
 
   ckpt = Checkpointer(str(workdir), max_to_keep=config.max_to_keep, keep_period=config.keep_period)
-  abstract = state_lib.abstract_state(model, tx, shardings)
   restored = ckpt.restore_latest(abstract, mcfg, config.optimizer.to_dict())
   if restored is not None:
     state, data_state, start_step = restored
@@ -119,7 +118,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     if config.init_from:  # No random state to build and throw away: the params come from there.
       state = state_lib.init_from(config.init_from, mcfg, tx, shardings, abstract.params)
     else:
-      state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
+      state, _ = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed, shardings)
   if lead:  # Steps logged after the restored one (all, from scratch) are trained again.
     dropped = truncate_jsonl(str(workdir / "metrics.jsonl"), start_step)
     if dropped:

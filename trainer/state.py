@@ -47,9 +47,15 @@ def _init_params(model: Llama3, rng: jax.Array) -> Any:
   return model.init(rng, tokens)["params"]
 
 
-def param_shardings(model: Llama3, mesh: Mesh, rules: list) -> Any:
-  """NamedShardings of every parameter, from its logical axis names and the rules."""
-  boxed = jax.eval_shape(lambda r: _init_params(model, r), jax.random.key(0))
+def _boxed_shapes(model: Llama3) -> Any:
+  """The parameters' shapes and dtypes, boxed with their logical axis names (one trace)."""
+  return jax.eval_shape(lambda r: _init_params(model, r), jax.random.key(0))
+
+
+def param_shardings(model: Llama3, mesh: Mesh, rules: list, boxed: Any = None) -> Any:
+  """NamedShardings of every parameter, from its logical axis names and the rules (`boxed`:
+  `_boxed_shapes(model)` where the caller has it already)."""
+  boxed = _boxed_shapes(model) if boxed is None else boxed
   specs = nn.get_partition_spec(boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   _check_divisible(boxed, shardings, mesh)
@@ -78,31 +84,30 @@ def _check_divisible(boxed: Any, shardings: Any, mesh: Mesh) -> None:
         )
 
 
-def state_shardings(
+def state_layout(
   model: Llama3, tx: optax.GradientTransformation, mesh: Mesh, rules: list
-) -> TrainState:
-  """Shardings for the whole TrainState; optimizer moments follow their parameters."""
-  p_shard = param_shardings(model, mesh, rules)
-  abstract_params = jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-    nn.unbox(jax.eval_shape(lambda r: _init_params(model, r), jax.random.key(0))),
-  )
+) -> tuple[TrainState, TrainState]:
+  """(shardings, abstract state) of the whole TrainState from one trace of the model's init.
+
+  Optimizer moments follow their parameters. The abstract state is ShapeDtypeStructs carrying
+  those shardings, for restore, `init_from` and AOT compiles.
+  """
+  boxed = _boxed_shapes(model)
+  p_shard = param_shardings(model, mesh, rules, boxed)
+  abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nn.unbox(boxed))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
   o_shard = optax.tree_map_params(
     tx, lambda _, s: s, abstract_opt, p_shard, transform_non_params=lambda _: replicated
   )
-  return TrainState(step=replicated, params=p_shard, opt_state=o_shard)
-
-
-def abstract_state(
-  model: Llama3, tx: optax.GradientTransformation, shardings: TrainState
-) -> TrainState:
-  """ShapeDtypeStructs (with shardings) of the TrainState, for restore and AOT compiles."""
-  shapes = jax.eval_shape(lambda r: init_state(model, tx, r), jax.random.key(0))
-  return jax.tree.map(
+  shardings = TrainState(step=replicated, params=p_shard, opt_state=o_shard)
+  shapes = TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt
+  )
+  abstract = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
   )
+  return shardings, abstract
 
 
 def init_state(model: Llama3, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -112,10 +117,17 @@ def init_state(model: Llama3, tx: optax.GradientTransformation, rng: jax.Array) 
 
 
 def create_sharded_state(
-  model: Llama3, tx: optax.GradientTransformation, mesh: Mesh, rules: list, seed: int
+  model: Llama3,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  rules: list,
+  seed: int,
+  shardings: TrainState | None = None,
 ) -> tuple[TrainState, TrainState]:
-  """Initializes the state directly into its shardings; returns (state, shardings)."""
-  shardings = state_shardings(model, tx, mesh, rules)
+  """Initializes the state directly into its shardings (`state_layout(...)[0]`, computed here
+  unless given); returns (state, shardings)."""
+  if shardings is None:
+    shardings, _ = state_layout(model, tx, mesh, rules)
   with mesh_context(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(lambda r: init_state(model, tx, r), out_shardings=shardings)(
       jax.random.key(seed)
@@ -142,7 +154,7 @@ def init_from(
   abstract_params: Any,
 ) -> TrainState:
   """A fresh optimizer over parameters from an HF directory, a params dir, or another run;
-  `abstract_params` (`abstract_state(...).params`) gives each parameter's dtype."""
+  `abstract_params` (`state_layout(...)[1].params`) gives each parameter's dtype."""
   p = epath.Path(path)
   if (p / "config.json").exists() and any(p.glob("*.safetensors*")):
     from model.hf import load_hf  # noqa: PLC0415
