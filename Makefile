@@ -4,19 +4,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 3
+# pip installs without byte-compiling its ~18,000 files (90 of its 155 s on 2 cores); Python
+# compiles the few thousand that get imported on first use, so it must be allowed to write them.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: train test lint bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-compile -e .
 	touch $@
 
 $(VENV)/.test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,tpu]'
+	$(PY) -m pip install -q --no-compile -e '.[test,tpu]'
 	touch $(VENV)/.base $@
 
 train: $(VENV)/.base

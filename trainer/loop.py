@@ -194,9 +194,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     sampler = _Sampler(config, model, tokenizer, writer) if config.sample_every else None
 
     pending = None
-    window = {"loss": [], "z_loss": [], "grad_norm": [], "learning_rate": [], "num_tokens": []}
-    window_start = time.perf_counter()
-    paused = 0.0  # Seconds of the window spent evaluating, sampling and saving, not training.
+    window = _Window(log_to)
     last: dict[str, float] = {}
     step = start_step
     log_due = 0  # A step to log once its metrics are in: read after the next step's dispatch.
@@ -221,17 +219,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         or (config.sample_every and step % config.sample_every == 0)
       )
       if log_due:
-        last = _log_window(log_due, window, time.perf_counter() - window_start - paused, log_to)
-        window, window_start, paused = {k: [] for k in window}, time.perf_counter(), 0.0
-        log_due = 0
+        last, log_due = window.log(log_due), 0
       if log and not sync:
         log_due, log = step, False
       if sync:
         _check_and_collect(pending, window)
         pending = None
       if log:  # A preempted run logs its partial window: a resume starts a new one.
-        last = _log_window(step, window, time.perf_counter() - window_start - paused, log_to)
-        window, window_start, paused = {k: [] for k in window}, time.perf_counter(), 0.0
+        last = window.log(step)
       pause_start = time.perf_counter()
       # Save first: an evaluation or sample that fails then loses no training.
       if (
@@ -245,7 +240,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
           last["eval_loss"] = _evaluate(eval_step, state.params, pipeline, writer, step)
         if sampler and (step % config.sample_every == 0 or step == config.steps):
           sampler(step, state.params)
-      paused += time.perf_counter() - pause_start
+      window.paused += time.perf_counter() - pause_start
       if step != config.steps and not preempted:
         batch = next(batches)
       if preempted:
@@ -281,26 +276,42 @@ def _restore_data_position(pipeline: Any, data_state: dict[str, Any]) -> None:
     pipeline.restore(positions)
 
 
-def _log_window(
-  step: int, window: dict[str, list[float]], elapsed: float, log_to: tuple[Any, ...]
-) -> dict[str, float]:
-  """Writes and prints the metrics of the steps in `window` (ending at `step`, `elapsed` seconds
-  of training); returns them."""
-  config, mcfg, num_devices, peak, writer = log_to
-  n = len(window["loss"])
-  tokens = sum(window["num_tokens"]) and config.global_batch_size * config.seq_len * n
-  metrics = {
-    "loss": float(np.mean(window["loss"])),
-    "learning_rate": window["learning_rate"][-1],
-    "grad_norm": float(np.mean(window["grad_norm"])),
-    "tokens_per_sec": tokens / elapsed,
-    "mfu": flops.mfu(tokens / elapsed, mcfg, config.seq_len, num_devices, peak),
-  }
-  if config.z_loss:
-    metrics["z_loss"] = float(np.mean(window["z_loss"]))
-  writer.write_scalars(step, dict(metrics))  # The async writer reads it later.
-  _log_progress(step, config.steps, metrics, elapsed / max(n, 1))
-  return metrics
+class _Window:
+  """The metrics of the steps since the last log line, and the training time they took."""
+
+  def __init__(self, log_to: tuple[Any, ...]):
+    self.log_to = log_to  # (config, ModelConfig, number of devices, peak FLOP/s, writer)
+    self._reset()
+
+  def _reset(self) -> None:
+    self.values = {k: [] for k in ("loss", "z_loss", "grad_norm", "learning_rate", "num_tokens")}
+    self.start = time.perf_counter()
+    self.paused = 0.0  # Seconds spent evaluating, sampling and saving, not training.
+
+  def add(self, values: dict[str, Any]) -> None:
+    for k, v in self.values.items():
+      v.append(float(values[k]))
+
+  def log(self, step: int) -> dict[str, float]:
+    """Writes and prints the metrics of the window (ending at `step`), returns them, and starts
+    the next window."""
+    config, mcfg, num_devices, peak, writer = self.log_to
+    window, elapsed = self.values, time.perf_counter() - self.start - self.paused
+    n = len(window["loss"])
+    tokens = sum(window["num_tokens"]) and config.global_batch_size * config.seq_len * n
+    metrics = {
+      "loss": float(np.mean(window["loss"])),
+      "learning_rate": window["learning_rate"][-1],
+      "grad_norm": float(np.mean(window["grad_norm"])),
+      "tokens_per_sec": tokens / elapsed,
+      "mfu": flops.mfu(tokens / elapsed, mcfg, config.seq_len, num_devices, peak),
+    }
+    if config.z_loss:
+      metrics["z_loss"] = float(np.mean(window["z_loss"]))
+    writer.write_scalars(step, dict(metrics))  # The async writer reads it later.
+    _log_progress(step, config.steps, metrics, elapsed / max(n, 1))
+    self._reset()
+    return metrics
 
 
 def _log_progress(step: int, steps: int, metrics: dict[str, float], step_s: float) -> None:
@@ -320,7 +331,7 @@ def _log_progress(step: int, steps: int, metrics: dict[str, float], step_s: floa
   )
 
 
-def _check_and_collect(pending: tuple[int, dict[str, jax.Array]], window: dict) -> None:
+def _check_and_collect(pending: tuple[int, dict[str, jax.Array]], window: _Window) -> None:
   step, metrics = pending
   values = jax.device_get(metrics)
   loss = float(values["loss"])
@@ -330,8 +341,7 @@ def _check_and_collect(pending: tuple[int, dict[str, jax.Array]], window: dict) 
       "optimizer.learning_rate, raise optimizer.warmup_steps, or set z_loss, "
       "then rerun (it resumes from the last good checkpoint)."
     )
-  for k in window:
-    window[k].append(float(values[k]))
+  window.add(values)
 
 
 def _evaluated(workdir: Any, step: int) -> bool:
