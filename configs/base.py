@@ -6,7 +6,8 @@ Usage: python -m trainer.train --config=configs/base.py --workdir=runs/base
 import ml_collections
 
 # Logical axis -> mesh axes. The model names only logical axes; this one table decides how
-# parameters and activations are laid out on the ('data', 'fsdp', 'tensor') mesh.
+# parameters and activations are laid out on the ('data', 'fsdp', 'tensor') mesh. 'batch' is the
+# input batch's rows: the mesh axes they split over, and so the rows each host reads.
 SHARDING_RULES = (
   ("batch", ("data", "fsdp")),
   ("activation_batch", ("data", "fsdp")),

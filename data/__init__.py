@@ -28,7 +28,7 @@ def _create(config: Any, mesh: Mesh) -> Any:
   from data.batching import batch_sharding
 
   source = config.data.source
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, config.sharding_rules)
   if source == "synthetic":
     from data.synthetic import SyntheticPipeline
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,9 +16,22 @@ from data.workers import exit_with_parent
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch rows split over ('data', 'fsdp'), replicated over 'tensor'; sequence unsplit."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+def batch_axes(rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+  """The mesh axes that batch rows split over: the 'batch' entry of `rules`
+  (config.sharding_rules; ('data', 'fsdp') in configs/base.py)."""
+  for name, axes in rules:
+    if name == "batch":
+      return (axes,) if isinstance(axes, str) else tuple(axes or ())
+  raise ValueError(
+    "sharding_rules has no 'batch' entry (the mesh axes that batch rows split over); add "
+    "('batch', ('data', 'fsdp'))."
+  )
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:
+  """Batch rows split over the 'batch' rule's mesh axes, replicated over the others; sequence
+  unsplit."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None, None))
 
 
 def rows_to_example(

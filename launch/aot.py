@@ -122,7 +122,7 @@ def _abstract_batch(config: Any, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
   shape = (config.global_batch_size, config.seq_len)
   return {
     key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32, sharding=s)
-    for key, s in step_lib.batch_shardings(mesh).items()
+    for key, s in step_lib.batch_shardings(mesh, state_lib.logical_rules(config)).items()
   }
 
 

@@ -36,6 +36,7 @@ from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 
+from data.batching import batch_axes  # noqa: E402
 from launch import aot, report  # noqa: E402
 from launch import topology as topo_lib  # noqa: E402
 from launch.advice import advice, hints  # noqa: E402
@@ -95,7 +96,8 @@ def plan(
     "mesh": mesh_shape,
     "global_batch_size": config.global_batch_size,
     "seq_len": config.seq_len,
-    "per_device_batch": config.global_batch_size / (mesh_shape["data"] * mesh_shape["fsdp"]),
+    "per_device_batch": config.global_batch_size
+    / math.prod(mesh_shape[a] for a in batch_axes(config.sharding_rules)),
     "grad_accum_steps": int(config.grad_accum_steps),
     "remat": config.model.remat,
     "scan_layers": bool(config.model.scan_layers),
@@ -245,7 +247,7 @@ def search(
         )
         try:
           mesh = create_mesh(aot.with_overrides(candidate, mesh__num_slices=slices).mesh, devices)
-          shards = mesh.shape["data"] * mesh.shape["fsdp"]
+          shards = math.prod(mesh.shape[a] for a in batch_axes(candidate.sharding_rules))
           candidate = aot.with_overrides(
             candidate, global_batch_size=per_device * shards, grad_accum_steps=1
           )

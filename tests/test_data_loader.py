@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import base
+from configs.base import SHARDING_RULES
 from data import create_pipeline
 from data.batching import batch_sharding
 from data.loader import PreparedPipeline, read_metadata, record_indices, rows_dataset
@@ -43,7 +44,7 @@ def _mesh(shape=(2, 2, 2), devices=None):
 
 def _pipeline(path, mesh, seed=0, **kw):
   return PreparedPipeline(
-    path, seed=seed, global_batch=B, seq_len=T, sharding=batch_sharding(mesh), **kw
+    path, seed=seed, global_batch=B, seq_len=T, sharding=batch_sharding(mesh, SHARDING_RULES), **kw
   )
 
 
@@ -112,7 +113,7 @@ def test_a_resume_with_another_batch_size_continues_from_the_next_sample(prepare
   saved = json.loads(json.dumps(before.state()))  # As the checkpoint stores it.
   want = [before.read_rows(s, np.arange(B))["inputs"] for s in (4, 5, 6, 7)]
   doubled = PreparedPipeline(
-    prepared, seed=0, global_batch=2 * B, seq_len=T, sharding=batch_sharding(mesh)
+    prepared, seed=0, global_batch=2 * B, seq_len=T, sharding=batch_sharding(mesh, SHARDING_RULES)
   )
   doubled.restore([saved, saved])  # One per process, all the same.
   it = doubled.train_batches(4)
@@ -170,12 +171,13 @@ _KILLED_READER = """
 import sys
 import numpy as np, jax
 from jax.sharding import Mesh
+from configs.base import SHARDING_RULES
 from data.batching import batch_sharding
 from data.loader import PreparedPipeline
 if __name__ == "__main__":  # The workers are spawned: they import this module again.
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
   p = PreparedPipeline(sys.argv[1], seed=0, global_batch=8, seq_len=16,
-                       sharding=batch_sharding(mesh), num_workers=2)
+                       sharding=batch_sharding(mesh, SHARDING_RULES), num_workers=2)
   batches = p.train_batches(0)  # Kept: closing it would stop the workers.
   next(batches)
   print("READING", flush=True)
@@ -239,8 +241,9 @@ def test_eval_batches_are_held_out_and_repeatable(prepared):
 
 
 def test_errors_name_the_fix(prepared, tmp_path):
+  sharding = batch_sharding(_mesh(), SHARDING_RULES)
   with pytest.raises(ValueError, match="--config.seq_len=16"):
-    PreparedPipeline(prepared, seed=0, global_batch=B, seq_len=32, sharding=batch_sharding(_mesh()))
+    PreparedPipeline(prepared, seed=0, global_batch=B, seq_len=32, sharding=sharding)
   with pytest.raises(FileNotFoundError, match="data.prepare"):
     _pipeline(str(tmp_path / "nope"), _mesh())
   # A metadata.json cut short, or from another tool: one error naming the file and the fix.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from configs.base import SHARDING_RULES
 from data.batching import batch_sharding
 from data.streaming import (
   FileDocuments,
@@ -43,7 +44,7 @@ def _mesh():
 def _pipeline(source, path, **kw):
   return StreamingPipeline(
     source, path, tokenizer="byte", seed=0, global_batch=B, seq_len=T,
-    sharding=batch_sharding(_mesh()), **kw,
+    sharding=batch_sharding(_mesh(), SHARDING_RULES), **kw,
   )  # fmt: skip
 
 
@@ -54,7 +55,8 @@ def test_shard_of_groups_hosts_by_rows():
   assert [shard_of(shared, p) for p in (0, 1)] == [(0, 1), (0, 1)]
   pairs = {0: {0, 1}, 1: {2, 3}, 2: {0, 1}, 3: {2, 3}}
   assert [shard_of(pairs, p) for p in range(4)] == [(0, 2), (1, 2), (0, 2), (1, 2)]
-  assert host_shard(batch_sharding(_mesh()), B, T) == (0, 1)  # One process holds everything.
+  # One process holds everything.
+  assert host_shard(batch_sharding(_mesh(), SHARDING_RULES), B, T) == (0, 1)
 
 
 @pytest.mark.parametrize("num_shards", [2, 5])  # By file (3 files >= 2), or by document (3 < 5).

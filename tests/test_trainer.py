@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from configs.base import SHARDING_RULES
 from data import create_pipeline
+from data.batching import batch_sharding
 from model import Llama3
 from tests.common import tiny_config
 from trainer import optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
+from trainer.checks import check_batch_fits_mesh, validate
 from trainer.loop import train_and_evaluate
 from trainer.mesh import MeshError, create_mesh, mesh_context
 from trainer.metrics import create_writers, read_jsonl
@@ -69,8 +72,17 @@ def single_device_run():
   return states, losses, grad_norms
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
-def test_meshes_give_the_same_steps(shape, single_device_run):
+def _batch_rule(axes) -> tuple:
+  """configs/base.py's sharding rules with batch rows split over `axes`."""
+  return tuple((name, axes if name == "batch" else rule) for name, rule in SHARDING_RULES)
+
+
+@pytest.mark.parametrize(
+  ("shape", "batch_over"),
+  [((8, 1, 1), None), ((2, 2, 2), None), ((1, 4, 2), None), ((2, 2, 2), ("data",))],
+  ids=["8x1x1", "2x2x2", "1x4x2", "2x2x2-batch-over-data"],
+)
+def test_meshes_give_the_same_steps(shape, batch_over, single_device_run):
   """Each step on the mesh, started from the single-device state, gives its loss, gradient norm
   and next state.
 
@@ -80,12 +92,17 @@ def test_meshes_give_the_same_steps(shape, single_device_run):
   relative after five steps here on an Intel Xeon, while every single step agreed to 6e-7).
   """
   states, losses, grad_norms = single_device_run
-  config = tiny_config(**{"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]})
+  overrides = {"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]}
+  if batch_over:  # The input rows follow the config's 'batch' rule.
+    overrides["sharding_rules"] = _batch_rule(batch_over)
+  config = tiny_config(**overrides)
   mesh, _, shardings, step_fn, batches = build_step(config, jax.devices())
   flipped = 0
   with mesh_context(mesh):
     for k in range(6):
-      state, metrics = step_fn(jax.device_put(states[k], shardings), next(batches))
+      batch = next(batches)
+      assert batch["inputs"].sharding.spec == PartitionSpec(batch_over or ("data", "fsdp"), None)
+      state, metrics = step_fn(jax.device_put(states[k], shardings), batch)
       np.testing.assert_allclose(float(metrics["loss"]), losses[k], rtol=1e-5)
       np.testing.assert_allclose(float(metrics["grad_norm"]), grad_norms[k], rtol=1e-5)
       got = jax.tree.leaves(jax.device_get(state.params))
@@ -164,6 +181,20 @@ def test_mesh_that_does_not_fit_is_one_clear_error():
     create_mesh(tiny_config(**{"mesh.num_slices": 3}).mesh)
   with pytest.raises(MeshError, match="num_slices=2 needs TPU slices .* cpu devices have none"):
     create_mesh(tiny_config(**{"mesh.num_slices": 2}).mesh)
+
+
+def test_a_batch_that_does_not_split_over_its_rule_is_one_clear_error():
+  mesh = create_mesh(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4}).mesh)
+  with pytest.raises(ValueError, match=r"batch of 4 rows .* over data x fsdp = 8 devices; make"):
+    check_batch_fits_mesh(tiny_config(global_batch_size=4), mesh)
+  check_batch_fits_mesh(tiny_config(global_batch_size=4, sharding_rules=_batch_rule("data")), mesh)
+  over_fsdp = tiny_config(global_batch_size=6, sharding_rules=_batch_rule("fsdp"))
+  with pytest.raises(ValueError, match=r"batch of 6 rows .* over fsdp = 4 devices; make"):
+    check_batch_fits_mesh(over_fsdp, mesh)
+  with pytest.raises(ValueError, match="sharding_rules maps 'batch' to 'dp', which is not a mesh"):
+    validate(tiny_config(sharding_rules=_batch_rule(("dp",))))
+  with pytest.raises(ValueError, match=r"no 'batch' entry .*; add \('batch', \('data', 'fsdp'\)\)"):
+    batch_sharding(mesh, SHARDING_RULES[1:])
 
 
 def test_train_writes_tensorboard_jsonl_and_checkpoints(tmp_path, monkeypatch, caplog):

@@ -133,7 +133,7 @@ def benchmark(
     global_batch=config.global_batch_size,
     seq_len=config.seq_len,
     vocab_size=mcfg.vocab_size,
-    sharding=batch_sharding(mesh),
+    sharding=batch_sharding(mesh, config.sharding_rules),
   )
   batches = pipeline.train_batches(0)
   batch = next(batches)

@@ -3,6 +3,7 @@ heavy imports: the benchmark runs where CLU, grain and TensorFlow are not instal
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -50,6 +51,15 @@ def validate(config: Any) -> None:
       raise ValueError(f"optimizer.{key}={opt[key]} must be at least 0 and below 1.")
   if not 0 <= opt.end_lr_ratio <= 1:
     raise ValueError(f"optimizer.end_lr_ratio={opt.end_lr_ratio} must be between 0 and 1.")
+  from trainer.mesh import MESH_AXES  # noqa: PLC0415
+
+  for name, axes in config.sharding_rules:
+    for axis in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+      if axis not in MESH_AXES:
+        raise ValueError(
+          f"sharding_rules maps {name!r} to {axis!r}, which is not a mesh axis; use "
+          f"{', '.join(MESH_AXES)} or None."
+        )
 
 
 def _raised_in_config_file(argv: list[str], error: BaseException) -> str | None:
@@ -123,12 +133,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
-  """Raises ValueError when a microbatch's rows do not split over the data and fsdp axes."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  """Raises ValueError when a microbatch's rows do not split over the 'batch' rule's mesh axes
+  (data x fsdp unless sharding_rules says otherwise)."""
+  from data.batching import batch_axes  # noqa: PLC0415
+
+  axes = batch_axes(config.sharding_rules)
+  shards = math.prod(mesh.shape[a] for a in axes)
   micro = config.global_batch_size // config.grad_accum_steps
   if micro % shards:
     raise ValueError(
-      f"The batch of {micro} rows per microbatch does not split over data x fsdp "
+      f"The batch of {micro} rows per microbatch does not split over {' x '.join(axes)} "
       f"= {shards} devices; make global_batch_size / grad_accum_steps a multiple "
       f"of {shards}."
     )

@@ -116,9 +116,9 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Llama3, chunk:
   return eval_metrics_class().single_from_model_output(eval_loss=ce_BxT, mask=batch["loss_mask"])
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-  """The sharding of each batch array: rows over data x fsdp."""
-  sharding = batch_sharding(mesh)
+def batch_shardings(mesh: Mesh, rules: list) -> dict[str, NamedSharding]:
+  """The sharding of each batch array: rows over the 'batch' rule's mesh axes."""
+  sharding = batch_sharding(mesh, rules)
   return {k: sharding for k in BATCH_KEYS}
 
 
@@ -150,7 +150,7 @@ def jit_train_step(
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
     step,
-    in_shardings=(shardings, batch_shardings(mesh)),
+    in_shardings=(shardings, batch_shardings(mesh, rules)),
     out_shardings=(shardings, replicated),
     donate_argnums=(0,),
   )
@@ -166,5 +166,5 @@ def jit_eval_step(config: Any, model: Llama3, mesh: Mesh, rules: list, param_sha
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
-    step, in_shardings=(param_shardings, batch_shardings(mesh)), out_shardings=replicated
+    step, in_shardings=(param_shardings, batch_shardings(mesh, rules)), out_shardings=replicated
   )
