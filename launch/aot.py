@@ -25,7 +25,8 @@ from model import Llama3
 from trainer import optimizer
 from trainer import state as state_lib
 from trainer import step as step_lib
-from trainer.checks import check_batch_fits_mesh, progress, validate
+from trainer.checks import check_batch_fits_mesh, validate
+from trainer.cli import progress
 from trainer.mesh import create_mesh, mesh_context
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -42,7 +42,7 @@ from launch import topology as topo_lib  # noqa: E402
 from launch.advice import advice, hints  # noqa: E402
 from trainer import flops  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
-from trainer.checks import parse_flags, progress  # noqa: E402
+from trainer.cli import parse_flags, progress  # noqa: E402
 from trainer.mesh import create_mesh  # noqa: E402
 
 NOT_FITTING_EXIT_CODE = 3
@@ -351,7 +351,7 @@ def main() -> None:
 
   def program(argv: list[str]) -> None:
     del argv
-    from trainer.checks import load_config  # noqa: PLC0415
+    from trainer.cli import load_config  # noqa: PLC0415
     from trainer.mesh import MeshError  # noqa: PLC0415
 
     if slices.value is not None and slices.value < 1:

@@ -45,7 +45,7 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
 
 
 def test_device_out_of_memory_is_one_line_naming_the_fixes(tmp_path):
-  from trainer.checks import out_of_memory
+  from trainer.cli import out_of_memory
 
   assert out_of_memory(RuntimeError("INTERNAL: something else")) is None
   # What XLA raises when the step does not fit (here raised by a stand-in for the training).

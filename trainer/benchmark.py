@@ -47,14 +47,8 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
-from trainer.checks import (  # noqa: E402
-  check_batch_fits_mesh,
-  load_config,
-  out_of_memory,
-  parse_flags,
-  progress,
-  validate,
-)
+from trainer.checks import check_batch_fits_mesh, validate  # noqa: E402
+from trainer.cli import load_config, out_of_memory, parse_flags, progress  # noqa: E402
 from trainer.mesh import (  # noqa: E402
   MESH_AXES,
   MeshError,

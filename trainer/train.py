@@ -25,7 +25,7 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax and CLU are chatty at INFO.
   import jax  # noqa: PLC0415
 
-  from trainer.checks import load_config, out_of_memory  # noqa: PLC0415
+  from trainer.cli import load_config, out_of_memory  # noqa: PLC0415
 
   try:
     train_and_evaluate(load_config(_CONFIG), _WORKDIR.value)
@@ -54,6 +54,6 @@ def _exit(code: int, message: str) -> None:
 
 
 if __name__ == "__main__":
-  from trainer.checks import parse_flags
+  from trainer.cli import parse_flags
 
   app.run(main, flags_parser=parse_flags)
