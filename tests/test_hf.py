@@ -359,3 +359,17 @@ def test_cli_import_checks_the_output_before_reading_weights(tmp_path, monkeypat
     with pytest.raises(SystemExit) as e:
       main(["import", f"--hf_dir={tmp_path}", f"--output={out}"])
     assert e.value.code == f"error: {out} {message}"
+
+
+@pytest.mark.parametrize("module", ["model.hf", "model.convert"])
+def test_the_documented_commands_run_as_programs(tmp_path, module):
+  """`python -m model.hf ...` (the README's spelling) and `python -m model.convert ...` reach
+  the same CLI; a bad path ends in its one line."""
+  import subprocess
+
+  cmd = [sys.executable, "-m", module, "export", "--checkpoint=/nonexistent/run"]
+  out = subprocess.run([*cmd, f"--output={tmp_path / 'hf'}"], capture_output=True, text=True)
+  assert out.returncode == 1 and not (tmp_path / "hf").exists()
+  assert out.stderr.strip().splitlines() == [
+    "error: /nonexistent/run does not exist; give a params dir or a training workdir."
+  ]
