@@ -16,16 +16,25 @@ from data.workers import exit_with_parent
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
+def rule_axes(rules: Sequence[tuple[str, Any]], name: str) -> tuple[str, ...] | None:
+  """The mesh axes of logical axis `name` in `rules` (config.sharding_rules), or None if the
+  rules do not name it."""
+  for rule, axes in rules:
+    if rule == name:
+      return (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return None
+
+
 def batch_axes(rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
   """The mesh axes that batch rows split over: the 'batch' entry of `rules`
   (config.sharding_rules; ('data', 'fsdp') in configs/base.py)."""
-  for name, axes in rules:
-    if name == "batch":
-      return (axes,) if isinstance(axes, str) else tuple(axes or ())
-  raise ValueError(
-    "sharding_rules has no 'batch' entry (the mesh axes that batch rows split over); add "
-    "('batch', ('data', 'fsdp'))."
-  )
+  axes = rule_axes(rules, "batch")
+  if axes is None:
+    raise ValueError(
+      "sharding_rules has no 'batch' entry (the mesh axes that batch rows split over); add "
+      "('batch', ('data', 'fsdp'))."
+    )
+  return axes
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:

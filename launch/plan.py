@@ -42,6 +42,7 @@ from launch import topology as topo_lib  # noqa: E402
 from launch.advice import advice, hints  # noqa: E402
 from trainer import flops  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
+from trainer.checks import batch_split  # noqa: E402
 from trainer.cli import parse_flags, progress  # noqa: E402
 from trainer.mesh import create_mesh  # noqa: E402
 
@@ -247,7 +248,7 @@ def search(
         )
         try:
           mesh = create_mesh(aot.with_overrides(candidate, mesh__num_slices=slices).mesh, devices)
-          shards = math.prod(mesh.shape[a] for a in batch_axes(candidate.sharding_rules))
+          shards, _ = batch_split(candidate, mesh.shape)
           candidate = aot.with_overrides(
             candidate, global_batch_size=per_device * shards, grad_accum_steps=1
           )

@@ -72,9 +72,9 @@ def single_device_run():
   return states, losses, grad_norms
 
 
-def _batch_rule(axes) -> tuple:
-  """configs/base.py's sharding rules with batch rows split over `axes`."""
-  return tuple((name, axes if name == "batch" else rule) for name, rule in SHARDING_RULES)
+def _rules(**axes) -> tuple:
+  """configs/base.py's sharding rules with the given logical axes mapped to other mesh axes."""
+  return tuple((name, axes.get(name, rule)) for name, rule in SHARDING_RULES)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_meshes_give_the_same_steps(shape, batch_over, single_device_run):
   states, losses, grad_norms = single_device_run
   overrides = {"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]}
   if batch_over:  # The input rows follow the config's 'batch' rule.
-    overrides["sharding_rules"] = _batch_rule(batch_over)
+    overrides["sharding_rules"] = _rules(batch=batch_over)
   config = tiny_config(**overrides)
   mesh, _, shardings, step_fn, batches = build_step(config, jax.devices())
   flipped = 0
@@ -183,16 +183,22 @@ def test_mesh_that_does_not_fit_is_one_clear_error():
     create_mesh(tiny_config(**{"mesh.num_slices": 2}).mesh)
 
 
-def test_a_batch_that_does_not_split_over_its_rule_is_one_clear_error():
+def test_a_batch_that_does_not_split_over_its_rules_is_one_clear_error():
+  """Rows split over the 'batch' rule's axes (the input) and 'activation_batch' (the model)."""
   mesh = create_mesh(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 4}).mesh)
+  fits = lambda rows, **axes: check_batch_fits_mesh(
+    tiny_config(global_batch_size=rows, sharding_rules=_rules(**axes)), mesh
+  )
   with pytest.raises(ValueError, match=r"batch of 4 rows .* over data x fsdp = 8 devices; make"):
-    check_batch_fits_mesh(tiny_config(global_batch_size=4), mesh)
-  check_batch_fits_mesh(tiny_config(global_batch_size=4, sharding_rules=_batch_rule("data")), mesh)
-  over_fsdp = tiny_config(global_batch_size=6, sharding_rules=_batch_rule("fsdp"))
-  with pytest.raises(ValueError, match=r"batch of 6 rows .* over fsdp = 4 devices; make"):
-    check_batch_fits_mesh(over_fsdp, mesh)
+    fits(4)
+  with pytest.raises(ValueError, match=r"over data \(batch\) and data x fsdp \(activation_batch\)"):
+    fits(4, batch="data")  # The input would split, the activations would not.
+  fits(8, batch="data")
+  fits(4, batch="data", activation_batch="data")
+  with pytest.raises(ValueError, match=r"batch of 6 rows .* over fsdp = 4 devices; .* of 4\."):
+    fits(6, batch="fsdp", activation_batch="fsdp")
   with pytest.raises(ValueError, match="sharding_rules maps 'batch' to 'dp', which is not a mesh"):
-    validate(tiny_config(sharding_rules=_batch_rule(("dp",))))
+    validate(tiny_config(sharding_rules=_rules(batch=("dp",))))
   with pytest.raises(ValueError, match=r"no 'batch' entry .*; add \('batch', \('data', 'fsdp'\)\)"):
     batch_sharding(mesh, SHARDING_RULES[1:])
 

@@ -47,7 +47,7 @@ from model.attention import describe_attention  # noqa: E402
 from trainer import flops, optimizer  # noqa: E402
 from trainer import state as state_lib  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
-from trainer.checks import check_batch_fits_mesh, validate  # noqa: E402
+from trainer.checks import batch_split, check_batch_fits_mesh, validate  # noqa: E402
 from trainer.cli import load_config, out_of_memory, parse_flags, progress  # noqa: E402
 from trainer.mesh import (  # noqa: E402
   MESH_AXES,
@@ -83,10 +83,10 @@ def cpu_device_count(config: Any, cores: int) -> int:
   rows = config.global_batch_size // config.grad_accum_steps
   for n in range(cores, fixed - 1, -1):
     try:
-      data, fsdp, _ = resolve_shape(sizes, n, "mesh")
+      shape = dict(zip(MESH_AXES, resolve_shape(sizes, n, "mesh")))
     except MeshError:
       continue
-    if rows % (data * fsdp) == 0:
+    if rows % batch_split(config, shape)[0] == 0:
       return n
   return fixed
 

@@ -110,9 +110,11 @@ class Checkpointer:
     model shape, or whose optimizer state has other entries (`optimizer`, the run's optimizer
     settings, names what changed), is an error, not a fallback.
     """
-    set_aside = []
-    with _quiet_unraisable(set_aside):
-      restored = self._restore_newest(abstract_state, model, optimizer or {}, set_aside)
+    set_aside, failed_reads = [], []
+    with _quiet_unraisable(failed_reads):
+      restored = self._restore_newest(
+        abstract_state, model, optimizer or {}, set_aside, failed_reads
+      )
     if restored is None and set_aside:
       raise ValueError(
         f"No checkpoint in {self.directory} restores: steps {set_aside} were moved to "
@@ -122,14 +124,22 @@ class Checkpointer:
     return restored
 
   def _restore_newest(
-    self, abstract_state: Any, model: ModelConfig, optimizer: dict[str, Any], set_aside: list
+    self,
+    abstract_state: Any,
+    model: ModelConfig,
+    optimizer: dict[str, Any],
+    set_aside: list,
+    failed_reads: list,
   ) -> tuple[Any, dict[str, Any], int] | None:
+    """The newest checkpoint that restores (see restore_latest); appends the steps set aside to
+    `set_aside` and every read that failed on this host to `failed_reads`."""
     for step in reversed(self.all_steps()):
       saved, error = None, None
       try:
         saved = self.saved_config(step)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back.
         error = e
+        failed_reads.append(step)
       # Every host takes the same branch, or the ones that did not would wait in a collective.
       if not on_every_host(error is None):
         # Set aside like a failed restore: left in place, the step would block the save of
@@ -151,7 +161,7 @@ class Checkpointer:
           f"model.param_dtype is {model.param_dtype}; set --config.model.param_dtype={dtype}, "
           f"or start a new --workdir with --config.init_from={self.directory.parent}."
         )
-      entries = self._state_entries_differ(step, abstract_state)
+      entries = self._state_entries_differ(step, abstract_state, failed_reads)
       if not on_every_host(not entries):
         changed = [
           f"optimizer.{k}: {v!r} -> {optimizer[k]!r}"
@@ -176,6 +186,7 @@ class Checkpointer:
         )
       except Exception as e:  # noqa: BLE001
         error = e
+        failed_reads.append(step)
       if not on_every_host(error is None):
         self._fall_back(step, "failed to restore", error)
         set_aside.append(step)
@@ -183,12 +194,14 @@ class Checkpointer:
       return restored["state"], restored["data"], step
     return None
 
-  def _state_entries_differ(self, step: int, abstract_state: Any) -> list[str]:
+  def _state_entries_differ(self, step: int, abstract_state: Any, failed_reads: list) -> list[str]:
     """The state entries (paths) that only one of step `step` and `abstract_state` has; empty
-    when they match or when the saved tree cannot be read (the restore then says why)."""
+    when they match or when the saved tree cannot be read (the restore then says why; the
+    failed read is appended to `failed_reads`)."""
     try:
       saved = self.manager.item_metadata(step)["state"]
     except Exception:  # noqa: BLE001 - unreadable metadata is the restore's failure to report.
+      failed_reads.append(step)
       return []
     if saved is None:
       return []
@@ -272,7 +285,7 @@ def _quiet_unraisable(failures: list) -> Iterator[None]:
   """Drops the 'Exception ignored in: <coroutine ...>' reports that a failed Orbax read leaves
   for the garbage collector (each with a full TensorStore spec); the failure itself is logged.
   The caller appends to `failures` for each failed read: only then is there garbage to collect
-  here (a full collection takes half a second in a large process)."""
+  here (a full collection took half a second per run in the test process)."""
   hook = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
   # Orbax's reads run as asyncio tasks; a failed one is also logged as never retrieved.

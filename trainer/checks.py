@@ -58,17 +58,28 @@ def validate(config: Any) -> None:
         )
 
 
-def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
-  """Raises ValueError when a microbatch's rows do not split over the 'batch' rule's mesh axes
-  (data x fsdp unless sharding_rules says otherwise)."""
-  from data.batching import batch_axes  # noqa: PLC0415
+def batch_split(config: Any, mesh_shape: Any) -> tuple[int, str]:
+  """(n, where): a microbatch's rows must be a multiple of n to split evenly over the mesh axes
+  of both the 'batch' rule (the input rows) and 'activation_batch' (the model's activations;
+  splash attention's shard_map takes whole rows only); `where` names those axes. Both are data x
+  fsdp unless sharding_rules says otherwise."""
+  from data.batching import batch_axes, rule_axes  # noqa: PLC0415
 
-  axes = batch_axes(config.sharding_rules)
-  shards = math.prod(mesh.shape[a] for a in axes)
+  rows = batch_axes(config.sharding_rules)
+  acts = rule_axes(config.sharding_rules, "activation_batch") or ()
+  n = math.lcm(math.prod(mesh_shape[a] for a in rows), math.prod(mesh_shape[a] for a in acts))
+  spell = lambda axes: " x ".join(axes) or "no axis"
+  if set(acts) <= set(rows):
+    return n, f"{spell(rows)} = {n} devices"
+  return n, f"{spell(rows)} (batch) and {spell(acts)} (activation_batch): {n} rows"
+
+
+def check_batch_fits_mesh(config: Any, mesh: Any) -> None:
+  """Raises ValueError when a microbatch's rows do not split over the mesh (`batch_split`)."""
+  n, where = batch_split(config, mesh.shape)
   micro = config.global_batch_size // config.grad_accum_steps
-  if micro % shards:
+  if micro % n:
     raise ValueError(
-      f"The batch of {micro} rows per microbatch does not split over {' x '.join(axes)} "
-      f"= {shards} devices; make global_batch_size / grad_accum_steps a multiple "
-      f"of {shards}."
+      f"The batch of {micro} rows per microbatch does not split over {where}; make "
+      f"global_batch_size / grad_accum_steps a multiple of {n}."
     )
