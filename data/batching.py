@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,12 +17,17 @@ from data.workers import exit_with_parent
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
+def as_axes(axes: Any) -> tuple[str, ...]:
+  """A sharding rule's mesh axes (one name, a sequence of names, or None) as a tuple."""
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def rule_axes(rules: Sequence[tuple[str, Any]], name: str) -> tuple[str, ...] | None:
   """The mesh axes of logical axis `name` in `rules` (config.sharding_rules), or None if the
   rules do not name it."""
   for rule, axes in rules:
     if rule == name:
-      return (axes,) if isinstance(axes, str) else tuple(axes or ())
+      return as_axes(axes)
   return None
 
 
@@ -35,6 +41,11 @@ def batch_axes(rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
       "('batch', ('data', 'fsdp'))."
     )
   return axes
+
+
+def batch_shards(rules: Sequence[tuple[str, Any]], mesh_shape: Mapping[str, int]) -> int:
+  """Into how many parts the 'batch' rule splits the rows over a mesh of `mesh_shape`."""
+  return math.prod(mesh_shape[a] for a in batch_axes(rules))
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:

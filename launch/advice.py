@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from data.batching import batch_axes
+from data.batching import batch_shards
 
 # A full-remat plan under this share of HBM is told it could save matmul outputs instead: on
 # v5p-256, Llama 3.1 8B at 128 x 2048 tokens took 10.13 GiB with remat=dots, 4.68 with full.
@@ -32,8 +31,7 @@ def advice(config: Any, mesh_shape: dict[str, int], devices_per_host: int) -> li
       "shard parameters and optimizer state over more devices: --config.mesh.data=1 "
       "--config.mesh.fsdp=-1 (or keep tensor parallelism within a host)"
     )
-  rows_split = math.prod(mesh_shape[a] for a in batch_axes(config.sharding_rules))
-  per_device = config.global_batch_size // rows_split
+  per_device = config.global_batch_size // batch_shards(config.sharding_rules, mesh_shape)
   if per_device > 1:
     tips.append(
       f"smaller microbatches: --config.grad_accum_steps={2 * config.grad_accum_steps} (same "

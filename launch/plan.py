@@ -36,7 +36,7 @@ from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 
-from data.batching import batch_axes  # noqa: E402
+from data.batching import batch_shards  # noqa: E402
 from launch import aot, report  # noqa: E402
 from launch import topology as topo_lib  # noqa: E402
 from launch.advice import advice, hints  # noqa: E402
@@ -97,8 +97,7 @@ def plan(
     "mesh": mesh_shape,
     "global_batch_size": config.global_batch_size,
     "seq_len": config.seq_len,
-    "per_device_batch": config.global_batch_size
-    / math.prod(mesh_shape[a] for a in batch_axes(config.sharding_rules)),
+    "per_device_batch": config.global_batch_size / batch_shards(config.sharding_rules, mesh_shape),
     "grad_accum_steps": int(config.grad_accum_steps),
     "remat": config.model.remat,
     "scan_layers": bool(config.model.scan_layers),

@@ -47,10 +47,11 @@ def validate(config: Any) -> None:
       raise ValueError(f"optimizer.{key}={opt[key]} must be at least 0 and below 1.")
   if not 0 <= opt.end_lr_ratio <= 1:
     raise ValueError(f"optimizer.end_lr_ratio={opt.end_lr_ratio} must be between 0 and 1.")
+  from data.batching import as_axes  # noqa: PLC0415
   from trainer.mesh import MESH_AXES  # noqa: PLC0415
 
   for name, axes in config.sharding_rules:
-    for axis in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+    for axis in as_axes(axes):
       if axis not in MESH_AXES:
         raise ValueError(
           f"sharding_rules maps {name!r} to {axis!r}, which is not a mesh axis; use "
@@ -63,11 +64,13 @@ def batch_split(config: Any, mesh_shape: Any) -> tuple[int, str]:
   of both the 'batch' rule (the input rows) and 'activation_batch' (the model's activations;
   splash attention's shard_map takes whole rows only); `where` names those axes. Both are data x
   fsdp unless sharding_rules says otherwise."""
-  from data.batching import batch_axes, rule_axes  # noqa: PLC0415
+  from data.batching import batch_axes, batch_shards, rule_axes  # noqa: PLC0415
 
   rows = batch_axes(config.sharding_rules)
   acts = rule_axes(config.sharding_rules, "activation_batch") or ()
-  n = math.lcm(math.prod(mesh_shape[a] for a in rows), math.prod(mesh_shape[a] for a in acts))
+  n = math.lcm(
+    batch_shards(config.sharding_rules, mesh_shape), math.prod(mesh_shape[a] for a in acts)
+  )
   spell = lambda axes: " x ".join(axes) or "no axis"
   if set(acts) <= set(rows):
     return n, f"{spell(rows)} = {n} devices"

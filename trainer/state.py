@@ -14,6 +14,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data.batching import as_axes
 from model import Llama3, ModelConfig
 from trainer.mesh import mesh_context
 
@@ -71,7 +72,7 @@ def _check_divisible(boxed: Any, shardings: Any, mesh: Mesh) -> None:
     names = getattr(leaf, "names", None) or (None,) * len(leaf.shape)
     shape = leaf.value.shape if isinstance(leaf, nn.Partitioned) else leaf.shape
     for size, name, axes in zip(shape, names, sharding.spec):
-      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      axes = as_axes(axes)
       parts = 1
       for axis in axes:
         parts *= mesh.shape[axis]
