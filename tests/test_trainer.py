@@ -323,7 +323,7 @@ def test_bad_values_fail_before_training(tmp_path):
 
 
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
-  from trainer.loop import TrainingError
+  from trainer.log_window import TrainingError
 
   # An infinite learning rate turns every parameter into NaN after the first update.
   config = tiny_config(**{"optimizer.learning_rate": float("inf"), "optimizer.grad_clip": 0.0})

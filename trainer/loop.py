@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from typing import Any
 
 import jax
-import numpy as np
 from clu import periodic_actions
 from etils import epath
 
@@ -23,13 +21,10 @@ from trainer import state as state_lib
 from trainer import step as step_lib
 from trainer.checkpoint import Checkpointer, absolute
 from trainer.checks import check_batch_fits_mesh, validate
+from trainer.log_window import LogWindow
 from trainer.mesh import create_mesh, mesh_context
 from trainer.metrics import create_writers, read_jsonl, truncate_events, truncate_jsonl
 from trainer.watchdog import Preemption, SavedInterrupt, Watchdog
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (a NaN loss, say); the message says where and why."""
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
@@ -189,12 +184,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
           first_profile=config.profile_start_step,
         )
       )
-    log_to = (config, mcfg, mesh.size, peak, writer)
     watchdog = Watchdog(config.watchdog_timeout_s)
     sampler = _Sampler(config, model, tokenizer, writer) if config.sample_every else None
 
     pending = None
-    window = _Window(log_to)
+    window = LogWindow(config, mcfg, mesh.size, peak, writer)
     last: dict[str, float] = {}
     step = start_step
     log_due = 0  # A step to log once its metrics are in: read after the next step's dispatch.
@@ -202,7 +196,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       state, metrics = compiled(state, batch)
       step += 1
       if pending is not None:
-        _check_and_collect(pending, window)
+        window.collect(*pending)
       pending = (step, metrics)
       for hook in hooks:
         hook(step)
@@ -223,7 +217,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       if log and not sync:
         log_due, log = step, False
       if sync:
-        _check_and_collect(pending, window)
+        window.collect(*pending)
         pending = None
       if log:  # A preempted run logs its partial window: a resume starts a new one.
         last = window.log(step)
@@ -274,74 +268,6 @@ def _restore_data_position(pipeline: Any, data_state: dict[str, Any]) -> None:
     positions = [data_state.get("iterator") or {}]
   if any(positions):
     pipeline.restore(positions)
-
-
-class _Window:
-  """The metrics of the steps since the last log line, and the training time they took."""
-
-  def __init__(self, log_to: tuple[Any, ...]):
-    self.log_to = log_to  # (config, ModelConfig, number of devices, peak FLOP/s, writer)
-    self._reset()
-
-  def _reset(self) -> None:
-    self.values = {k: [] for k in ("loss", "z_loss", "grad_norm", "learning_rate", "num_tokens")}
-    self.start = time.perf_counter()
-    self.paused = 0.0  # Seconds spent evaluating, sampling and saving, not training.
-
-  def add(self, values: dict[str, Any]) -> None:
-    for k, v in self.values.items():
-      v.append(float(values[k]))
-
-  def log(self, step: int) -> dict[str, float]:
-    """Writes and prints the metrics of the window (ending at `step`), returns them, and starts
-    the next window."""
-    config, mcfg, num_devices, peak, writer = self.log_to
-    window, elapsed = self.values, time.perf_counter() - self.start - self.paused
-    n = len(window["loss"])
-    tokens = sum(window["num_tokens"]) and config.global_batch_size * config.seq_len * n
-    metrics = {
-      "loss": float(np.mean(window["loss"])),
-      "learning_rate": window["learning_rate"][-1],
-      "grad_norm": float(np.mean(window["grad_norm"])),
-      "tokens_per_sec": tokens / elapsed,
-      "mfu": flops.mfu(tokens / elapsed, mcfg, config.seq_len, num_devices, peak),
-    }
-    if config.z_loss:
-      metrics["z_loss"] = float(np.mean(window["z_loss"]))
-    writer.write_scalars(step, dict(metrics))  # The async writer reads it later.
-    _log_progress(step, config.steps, metrics, elapsed / max(n, 1))
-    self._reset()
-    return metrics
-
-
-def _log_progress(step: int, steps: int, metrics: dict[str, float], step_s: float) -> None:
-  """One console line per logged step: loss, speed, and the time left at this speed."""
-  eta = int(round((steps - step) * step_s))
-  logging.info(
-    "step %d/%d: loss %.4f, %s tokens/s, MFU %.1f%%, %.3f s/step, ETA %d:%02d:%02d",
-    step,
-    steps,
-    metrics["loss"],
-    f"{metrics['tokens_per_sec']:,.0f}",
-    100 * metrics["mfu"],
-    step_s,
-    eta // 3600,
-    eta // 60 % 60,
-    eta % 60,
-  )
-
-
-def _check_and_collect(pending: tuple[int, dict[str, jax.Array]], window: _Window) -> None:
-  step, metrics = pending
-  values = jax.device_get(metrics)
-  loss = float(values["loss"])
-  if not math.isfinite(loss):
-    raise TrainingError(
-      f"The loss became {loss} at step {step}; lower "
-      "optimizer.learning_rate, raise optimizer.warmup_steps, or set z_loss, "
-      "then rerun (it resumes from the last good checkpoint)."
-    )
-  window.add(values)
 
 
 def _evaluated(workdir: Any, step: int) -> bool:

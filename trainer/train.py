@@ -18,7 +18,8 @@ def main(argv):
 
   tpu_flags.init_args()
   distributed.maybe_initialize()
-  from trainer.loop import TrainingError, train_and_evaluate  # noqa: PLC0415
+  from trainer.log_window import TrainingError  # noqa: PLC0415
+  from trainer.loop import train_and_evaluate  # noqa: PLC0415
   from trainer.watchdog import SavedInterrupt  # noqa: PLC0415
 
   logging.getLogger().setLevel(logging.INFO)
